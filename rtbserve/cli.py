@@ -1,0 +1,205 @@
+"""Command line: ``rtbserve compile | predict | serve`` and the SageMaker ``serve`` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from rtbserve.errors import RtbError
+from rtbserve.predictors import BACKEND_NAMES
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "rtb-filter"
+
+
+def demo_model_path() -> Path:
+    env = os.environ.get("RTBSERVE_DEMO_MODEL")
+    return Path(env) if env else DEMO_MODEL
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
+    p.add_argument(
+        "--autotune",
+        default="fast",
+        choices=("fast", "full"),
+        help="full also compiles and times tl2cgen (seconds of gcc)",
+    )
+    p.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/rtbserve)")
+    p.add_argument("--threshold", type=float, default=None)
+
+
+def _load(args: argparse.Namespace, path: Path) -> Any:
+    from rtbserve import load_model
+
+    return load_model(
+        path,
+        backend=args.backend,
+        threshold=args.threshold,
+        autotune_policy=args.autotune,
+        cache_dir=args.cache_dir,
+    )
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    model = _load(args, Path(args.model))
+    elapsed_ms = (time.perf_counter() - t0) * 1e3
+    report = {
+        "model": str(model.path),
+        "sha256": model.meta.sha256,
+        "format": model.meta.format,
+        "objective": model.objective,
+        "n_features": model.n_features,
+        "n_outputs": model.n_outputs,
+        "backend": model.backend,
+        "bucket_backends": model.bucket_backends,
+        "autotune_seconds_per_call": model.autotune_timings,
+        "backends": model.reports,
+        "load_ms": round(elapsed_ms, 1),
+    }
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    print(f"model      {report['model']} ({report['format']}, {model.objective})")
+    print(f"sha256     {model.meta.sha256}")
+    print(f"shape      {model.n_features} features -> {model.n_outputs} output(s)")
+    print(f"serving    {model.backend}  (per batch size: {_buckets(model.bucket_backends)})")
+    for name, info in model.reports.items():
+        r = info["report"]
+        status = "passed" if r["passed"] else "FAILED"
+        cached = "from cache" if info["from_cache"] else "built now"
+        print(f"\n[{name}] {cached}; verification {status} ({r['kind']})")
+        if r["kind"] != "reference":
+            print(f"  reference          {r['reference']}")
+            print(f"  rows checked       {r['rows_checked']}")
+            print(f"  max abs error      {r['max_abs_error']:.3g} (output)")
+            print(f"  max abs error      {r['max_abs_error_margin']:.3g} (margin)")
+            print(f"  decision flips     {r['decision_flips']} at threshold {r['threshold']}")
+            timings = ", ".join(f"{k} {v:.0f} ms" for k, v in r["timings_ms"].items())
+            print(f"  timings            {timings}")
+        q = info["quick_check"]
+        if q:
+            err = q["max_scaled_error"]
+            print(f"  load-time check    {q['rows_checked']} rows, max error {err:.3g}")
+    if model.autotune_timings:
+        print("\nautotune (median us per call, one thread)")
+        names = sorted({n for per in model.autotune_timings.values() for n in per})
+        print("  rows    " + "".join(f"{n:>12}" for n in names))
+        for rows, per in model.autotune_timings.items():
+            cells = "".join(f"{per[n] * 1e6:>12.2f}" if n in per else f"{'-':>12}" for n in names)
+            print(f"  {rows:<7} {cells}")
+    print(f"\nloaded in {elapsed_ms:.0f} ms")
+    return 0
+
+
+def _buckets(b: dict[str, str]) -> str:
+    return ", ".join(f"{k} rows: {v}" for k, v in b.items())
+
+
+def _read_rows(path: str, n_features: int) -> np.ndarray:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split(",")
+        try:
+            rows.append([float(f) if f.strip() else np.nan for f in fields])
+        except ValueError as exc:
+            raise SystemExit(f"line {i}: not a number: {exc}") from None
+    return np.array(rows, dtype=np.float32).reshape(-1, n_features)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model = _load(args, Path(args.model) if args.model else demo_model_path())
+    X = _read_rows(args.csv, model.n_features)
+    scores = model.predict(X, output=args.output)
+    for row in np.atleast_1d(scores):
+        print(",".join(map(str, np.atleast_1d(row))))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Until the server lands (issue 3), score the demo sample and report latency."""
+    path = Path(args.model) if args.model else demo_model_path()
+    t0 = time.perf_counter()
+    model = _load(args, path)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    print(f"loaded {model.path} in {load_ms:.0f} ms: {model!r}")
+    print(model.verification.summary())
+    sample = model.path.parent / "sample.csv"
+    if sample.is_file():
+        X = _read_rows(str(sample), model.n_features)
+    else:
+        X = np.random.default_rng(0).normal(size=(100, model.n_features)).astype(np.float32)
+    scores = model.predict(X)
+    bids = model.predict(X, output="label")
+    print(
+        f"scored {len(X)} sample requests: {int(bids.sum())} bid, {len(X) - int(bids.sum())} drop"
+    )
+    print("first scores:", np.round(np.atleast_1d(scores)[:5], 4).tolist())
+    lat = []
+    for i in range(10_000):
+        x = X[i % len(X) : i % len(X) + 1]
+        t = time.perf_counter_ns()
+        model.predict(x)
+        lat.append(time.perf_counter_ns() - t)
+    print(
+        f"one-row latency over 10,000 calls: median {np.median(lat) / 1e3:.2f} us, "
+        f"p99 {np.percentile(lat, 99) / 1e3:.2f} us"
+    )
+    print("(the HTTP/gRPC server arrives with issue 3; this command then serves the model)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtbserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compile", help="compile, verify and autotune a model; print the report")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_load_args(p)
+    p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("predict", help="score CSV rows (no header) from a file or stdin")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--csv", default="-")
+    p.add_argument("--output", default="probability", choices=("probability", "margin", "label"))
+    _add_load_args(p)
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("serve", help="serve a model (default: the bundled demo model)")
+    p.add_argument("model", nargs="?")
+    _add_load_args(p)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except RtbError as exc:
+        print(f"rtbserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def sagemaker_serve() -> int:
+    """SageMaker's ``serve``: the model under $SAGEMAKER_BASE_DIR/model (issue 4 completes it)."""
+    base = Path(os.environ.get("SAGEMAKER_BASE_DIR", "/opt/ml"))
+    return main(["serve", str(base / "model")])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
