@@ -365,18 +365,28 @@ def _finish_rows(out, begin, end, base, scale, post, alpha):
 
 
 @njit(**_JIT)
-def perfect_predict(X, begin, end, packed, leaves, tree_out, depth, base, scale, post, alpha, out):
-    """Score rows [begin, end) of X (float32, C order) into out (n, K); perfect layout.
+def perfect_predict(X, begin, end, nodes, values, n_trees, depth, post, alpha, out_flat):
+    """Score rows [begin, end) of X (float32, C order) into out_flat (n * K); perfect layout.
 
+    ``nodes`` = packed nodes then the output column of each tree; ``values`` = leaves, then the
+    K base margins, then K scales (one argument each keeps the call's unboxing cheap).
     ``post`` 0 returns margins. Thread-safe for disjoint row ranges; releases the GIL.
     """
+    n_packed = nodes.shape[0] - n_trees
+    packed = nodes[:n_packed]
+    tree_out = nodes[n_packed:]
     F = U(X.shape[1])
     F2 = U(2) * F
-    T = U(tree_out.shape[0])
+    T = U(n_trees)
     D = depth
     NI = (U(1) << U(D)) - U(1)
     NL = NI + U(1)
-    K = out.shape[1]
+    n_leaves = T * NL
+    K = (values.shape[0] - n_leaves) // 2
+    leaves = values[:n_leaves]
+    base = values[n_leaves : n_leaves + K]
+    scale = values[n_leaves + K :]
+    out = out_flat.reshape((out_flat.shape[0] // K, K))
     one = U(1)
     two = U(2)
     _start_rows(out, begin, end, base, scale)
@@ -519,21 +529,33 @@ def perfect_predict(X, begin, end, packed, leaves, tree_out, depth, base, scale,
 
 
 @njit(**_JIT)
-def explicit_predict(
-    X, begin, end, packed, leaves, children, roots, tree_out, base, scale, post, alpha, out
-):
-    """Score rows [begin, end) of X into out; explicit-children layout (deep trees)."""
+def explicit_predict(X, begin, end, nodes, values, n_trees, depth, post, alpha, out_flat):
+    """Score rows [begin, end) of X into out_flat; explicit-children layout (deep trees).
+
+    ``nodes`` = packed nodes, children, then per tree its root and output column; ``values`` =
+    per-node leaf values, K base margins, K scales. ``depth`` is unused (-1).
+    """
+    n_nodes = (nodes.shape[0] - 2 * n_trees) // 2
+    packed = nodes[:n_nodes]
+    children = nodes[n_nodes : 2 * n_nodes]
+    roots = nodes[2 * n_nodes : 2 * n_nodes + n_trees]
+    tree_out = nodes[2 * n_nodes + n_trees :]
+    K = (values.shape[0] - n_nodes) // 2
+    leaves = values[:n_nodes]
+    base = values[n_nodes : n_nodes + K]
+    scale = values[n_nodes + K :]
+    out = out_flat.reshape((out_flat.shape[0] // K, K))
     F = U(X.shape[1])
     F2 = U(2) * F
-    T = roots.shape[0]
+    T = n_trees
     xk = np.empty(F2, np.int32)  # allocates
     _start_rows(out, begin, end, base, scale)
     for r in range(begin, end):
         _row_keys(X, r, xk, U(0), F)
         for t in range(T):
-            i = U(roots[t])
+            i = roots[t]
             while children[i] != 0:
-                i = U(children[i]) + _step(packed, i, xk, U(0))
+                i = children[i] + _step(packed, i, xk, U(0))
             out[r, tree_out[t]] += leaves[i]
     _finish_rows(out, begin, end, base, scale, post, alpha)
 
@@ -549,12 +571,20 @@ class NumbaPredictor:
         self.n_outputs = forest.n_outputs
         self.out_dtype = forest.leaves.dtype
         f = forest
+        u64 = np.uint64
         if f.depth >= 0:
-            self._args = (f.packed, f.leaves, f.tree_out, f.depth, f.base, f.scale)
+            parts = [f.packed, f.tree_out.astype(u64)]
             self._kernel = perfect_predict
         else:
-            self._args = (f.packed, f.leaves, f.children, f.roots, f.tree_out, f.base, f.scale)
+            parts = [f.packed, f.children, f.roots, f.tree_out]
+            parts = [p.astype(u64) for p in parts]
             self._kernel = explicit_predict
+        self._nodes = np.ascontiguousarray(np.concatenate(parts), dtype=u64)
+        self._values = np.ascontiguousarray(
+            np.concatenate([f.leaves, f.base, f.scale]), dtype=self.out_dtype
+        )
+        self._n_trees = f.n_trees
+        self._depth = f.depth
         self._post = f.post
         self._alpha = f.alpha
         self._call: Any = self._kernel
@@ -562,18 +592,40 @@ class NumbaPredictor:
     def predict_into(
         self, X: np.ndarray, out: np.ndarray, begin: int, end: int, margin: bool
     ) -> None:
-        """Score rows [begin, end) of X (float32, C order, (n, F)) into out ((n, K)).
+        """Score rows [begin, end) of X (float32, C order, (n, F)) into flat out (n * K).
 
         Releases the GIL. The caller guarantees the dtypes and C order (Model.predict does):
         after ``warm_up`` the call skips numba's type dispatch.
         """
-        self._call(X, begin, end, *self._args, 0 if margin else self._post, self._alpha, out)
+        self._call(
+            X,
+            begin,
+            end,
+            self._nodes,
+            self._values,
+            self._n_trees,
+            self._depth,
+            0 if margin else self._post,
+            self._alpha,
+            out,
+        )
+
+    def bind(self, margin: bool) -> Any:
+        """``run(X, out, begin, end)`` with every model argument pre-bound (the hot path)."""
+        call, nodes, values = self._call, self._nodes, self._values
+        n_trees, depth, alpha = self._n_trees, self._depth, self._alpha
+        post = 0 if margin else self._post
+
+        def run(X: np.ndarray, out: np.ndarray, begin: int, end: int) -> None:
+            call(X, begin, end, nodes, values, n_trees, depth, post, alpha, out)
+
+        return run
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) the kernel, then bind its typed entry point."""
         x = np.zeros((8, self.n_features), dtype=np.float32)
-        out = np.empty((8, self.n_outputs), dtype=self.out_dtype)
-        args = (x, 0, 8, *self._args, self._post, self._alpha, out)
+        out = np.empty(8 * self.n_outputs, dtype=self.out_dtype)
+        args = (x, 0, 8, self._nodes, self._values, self._n_trees, self._depth, 1, 1.0, out)
         self._kernel(*args)
         sig = tuple(numba.typeof(a) for a in args)
         overload = self._kernel.overloads.get(sig)
@@ -581,5 +633,19 @@ class NumbaPredictor:
         self._call = overload.entry_point if overload is not None else self._kernel
 
 
-def numba_version() -> str:
-    return str(numba.__version__)
+def warm_kernels() -> None:
+    """Compile every kernel signature into numba's on-disk cache (run once after install)."""
+    x = np.zeros((8, 2), dtype=np.float32)
+    for dtype in (np.float32, np.float64):
+        values = np.zeros(2 + 2, dtype=dtype)  # one depth-1 tree: 2 leaves, base, scale
+        nodes = np.zeros(2, dtype=np.uint64)  # one node, one output column
+        out = np.empty(8, dtype=dtype)
+        for rows in (1, 8):
+            perfect_predict(x, 0, rows, nodes, values, 1, 1, 1, 1.0, out)
+        values = np.zeros(1 + 2, dtype=dtype)  # explicit layout: one leaf node
+        nodes = np.zeros(4, dtype=np.uint64)  # packed, child, root, output column
+        explicit_predict(x, 0, 8, nodes, values, 1, -1, 1, 1.0, out)
+
+
+if __name__ == "__main__":
+    warm_kernels()

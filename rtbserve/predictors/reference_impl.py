@@ -7,6 +7,8 @@ across threads by the caller, each call uses one thread.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from rtbserve.predictors.source import ModelSource
@@ -29,8 +31,13 @@ class ReferencePredictor:
         if end <= begin:
             return
         scores = self.source.reference_predict(X[begin:end], margin=margin)
-        out[begin:end] = scores.reshape(end - begin, self.n_outputs)
+        k = self.n_outputs
+        out[begin * k : end * k] = scores.reshape(-1)
+
+    def bind(self, margin: bool) -> Any:
+        """``run(X, out, begin, end)`` with the output kind pre-bound."""
+        return lambda X, out, begin, end: self.predict_into(X, out, begin, end, margin)
 
     def warm_up(self) -> None:
         x = np.zeros((1, self.n_features), dtype=np.float32)
-        self.predict_into(x, np.empty((1, self.n_outputs), self.out_dtype), 0, 1, False)
+        self.predict_into(x, np.empty(self.n_outputs, self.out_dtype), 0, 1, False)

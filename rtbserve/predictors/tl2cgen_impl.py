@@ -139,17 +139,25 @@ class Tl2cgenPredictor:
         self.n_outputs = source.output.n_outputs
         self.out_dtype = np.dtype(np.float64 if module.leaf_type == "float64" else np.float32)
         self._predict = module.predict
-        self._multiclass_softmax_objective = source.output.objective == "multi:softmax"
 
     def predict_into(
         self, X: np.ndarray, out: np.ndarray, begin: int, end: int, margin: bool
     ) -> None:
-        """Score rows [begin, end) of X (float32, C order) into out ((n, K)). Releases the GIL."""
+        """Score rows [begin, end) of X (float32, C order) into flat out (n * K); no GIL."""
         self._predict(X, out, begin, end, margin)
+
+    def bind(self, margin: bool) -> Any:
+        """``run(X, out, begin, end)`` with the output kind pre-bound."""
+        predict = self._predict
+
+        def run(X: np.ndarray, out: np.ndarray, begin: int, end: int) -> None:
+            predict(X, out, begin, end, margin)
+
+        return run
 
     def warm_up(self) -> None:
         x = np.zeros((1, self.n_features), dtype=np.float32)
-        self.predict_into(x, np.empty((1, self.n_outputs), self.out_dtype), 0, 1, False)
+        self.predict_into(x, np.empty(self.n_outputs, self.out_dtype), 0, 1, False)
 
 
 def compiler_identity_or_none() -> str:

@@ -39,7 +39,7 @@ def time_backends(predictors: dict[str, Any], X: np.ndarray) -> dict[str, dict[s
         ]
         results[str(rows)] = {}
         for name, p in predictors.items():
-            out = np.empty((rows, p.n_outputs), dtype=p.out_dtype)
+            out = np.empty(rows * p.n_outputs, dtype=p.out_dtype)
             p.predict_into(batches[0], out, 0, rows, False)  # warm
             samples = []
             deadline = time.perf_counter() + _BUDGET_S

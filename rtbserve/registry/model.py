@@ -30,6 +30,7 @@ OUTPUTS = ("probability", "margin", "label")
 AUTOTUNE_POLICIES = ("fast", "full")
 PARALLEL_MIN_ROWS = 4096  # below this, thread hand-off costs more than it saves
 _F32 = np.dtype(np.float32)
+_SINGLE_ROWS = autotune.BUCKET_UPPER[0]
 
 
 def cpu_count() -> int:
@@ -89,8 +90,11 @@ class Model:
         self.autotune_timings = autotune_timings
         self._backends = backends
         self._by_bucket = [backends[name].predictor for name in bucket_backends]
-        self._single = self._by_bucket[0]
+        # per bucket: run(X, out, begin, end) for probabilities [0] and margins [1]
+        self._runs = [(p.bind(False), p.bind(True)) for p in self._by_bucket]
+        self._single = self._runs[0][0]
         self._out_dtype = [p.out_dtype for p in self._by_bucket]
+        self._single_dtype = self._out_dtype[0]
         self._is_multiclass = meta.output.is_multiclass
         self._can_label = meta.output.is_classifier
 
@@ -146,45 +150,45 @@ class Model:
         Returns float32 (float64 for LightGBM) of shape (n,), or (n, K) for K classes; labels
         are int32 of shape (n,).
         """
-        if not (type(X) is np.ndarray and X.dtype is _F32 and X.ndim == 2 and X.flags.c_contiguous):
-            X = self._coerce(X)
-        n, n_cols = X.shape
+        if type(X) is np.ndarray and X.dtype is _F32 and X.ndim == 2 and X.flags.c_contiguous:
+            n, n_cols = X.shape
+            if n < _SINGLE_ROWS and n and output == "probability" and n_cols == self.n_features:
+                # the one-row hot path: one check above, one allocation, one kernel call
+                out = np.empty(n * self.n_outputs, dtype=self._single_dtype)  # allocates
+                self._single(X, out, 0, n)  # releases GIL
+                return out.reshape(n, self.n_outputs) if self._is_multiclass else out
+        else:
+            X = self._coerce(X)  # noqa: N806
+            n, n_cols = X.shape
         if n_cols != self.n_features or n == 0:
             self._bad_shape(X)
         if output == "probability":
-            margin = False
+            margin = 0
         elif output == "margin":
-            margin = True
+            margin = 1
         elif output == "label":
             return self._labels(X, nthread)
         else:
             raise InvalidInput(f"unknown output {output!r}; expected one of {', '.join(OUTPUTS)}")
-        if n < autotune.BUCKET_UPPER[0]:
-            out = np.empty((n, self.n_outputs), dtype=self._out_dtype[0])  # allocates
-            self._single.predict_into(X, out, 0, n, margin)  # releases GIL
-        else:
-            b = autotune.bucket_index(n)
-            out = np.empty((n, self.n_outputs), dtype=self._out_dtype[b])  # allocates
-            self._run(self._by_bucket[b], X, out, n, margin, nthread)
-        return out if self._is_multiclass else out.reshape(n)
+        b = autotune.bucket_index(n)
+        out = np.empty(n * self.n_outputs, dtype=self._out_dtype[b])  # allocates
+        self._run(self._runs[b][margin], X, out, n, nthread)
+        return out.reshape(n, self.n_outputs) if self._is_multiclass else out
 
-    def _run(
-        self, p: Any, X: np.ndarray, out: np.ndarray, n: int, margin: bool, nthread: int | None
-    ) -> None:
+    def _run(self, run: Any, X: np.ndarray, out: np.ndarray, n: int, nthread: int | None) -> None:  # noqa: N803
         threads = cpu_count() if nthread is None else int(nthread)
         if threads < 1:
             raise InvalidInput(f"nthread must be >= 1 or None, got {nthread}")
         threads = min(threads, max(1, n // (PARALLEL_MIN_ROWS // 2)))
         if threads <= 1 or n < PARALLEL_MIN_ROWS:
-            p.predict_into(X, out, 0, n, margin)
+            run(X, out, 0, n)
             return
         bounds = np.linspace(0, n, threads + 1).astype(int)
         pool = _POOL.get()
         futures = [
-            pool.submit(p.predict_into, X, out, int(bounds[i]), int(bounds[i + 1]), margin)
-            for i in range(1, threads)
+            pool.submit(run, X, out, int(bounds[i]), int(bounds[i + 1])) for i in range(1, threads)
         ]
-        p.predict_into(X, out, 0, int(bounds[1]), margin)
+        run(X, out, 0, int(bounds[1]))
         for f in futures:
             f.result()
 

@@ -144,9 +144,9 @@ def _labels(scores: np.ndarray, threshold: float | None) -> np.ndarray | None:
 
 
 def run_predictor(predictor: RowPredictor, X: np.ndarray, margin: bool) -> np.ndarray:
-    out = np.empty((X.shape[0], predictor.n_outputs), dtype=predictor.out_dtype)
+    out = np.empty(X.shape[0] * predictor.n_outputs, dtype=predictor.out_dtype)
     predictor.predict_into(X, out, 0, X.shape[0], margin)
-    return out if predictor.n_outputs > 1 else out.reshape(-1)
+    return out.reshape(X.shape[0], -1) if predictor.n_outputs > 1 else out
 
 
 def compare(
