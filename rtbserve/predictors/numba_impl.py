@@ -38,6 +38,8 @@ from rtbserve.predictors.source import ModelSource
 PERFECT_MAX_DEPTH = 10
 BLOCK_ROWS = 64
 INT32_MIN = np.int32(-(2**31))
+# LightGBM turns dense rows sparse dropping |x| <= kZeroThreshold (1e-35f): such inputs are 0
+LIGHTGBM_ZERO_MAG = int(np.float32(1e-35).view(np.int32))
 
 POSTPROCESSORS = {
     "identity": 0,
@@ -100,6 +102,7 @@ class FlatForest:
     scale: np.ndarray  # [K] 1 / trees per output when averaging, else 1
     post: int
     alpha: float
+    zero_mag: int  # int32 magnitude bits at or below which an input reads as 0
 
     @property
     def nbytes(self) -> int:
@@ -111,13 +114,14 @@ class FlatForest:
         arrays = {k: getattr(self, k) for k in ("packed", "leaves", "children", "roots")}
         arrays.update(tree_out=self.tree_out, base=self.base, scale=self.scale)
         meta = [self.n_features, self.n_outputs, self.n_trees, self.depth, self.post]
+        meta.append(self.zero_mag)
         arrays["meta"] = np.array(meta, dtype=np.int64)
         arrays["alpha"] = np.array([self.alpha], dtype=np.float64)
         return arrays
 
     @classmethod
     def from_npz(cls, z: Any) -> FlatForest:
-        n_features, n_outputs, n_trees, depth, post = (int(v) for v in z["meta"])
+        n_features, n_outputs, n_trees, depth, post, zero_mag = (int(v) for v in z["meta"])
         return cls(
             n_features=n_features,
             n_outputs=n_outputs,
@@ -132,6 +136,7 @@ class FlatForest:
             scale=z["scale"],
             post=post,
             alpha=float(z["alpha"][0]),
+            zero_mag=zero_mag,
         )
 
 
@@ -178,6 +183,7 @@ def flatten(source: ModelSource) -> FlatForest:
         scale=scale,
         post=POSTPROCESSORS[spec.postprocessor],
         alpha=spec.sigmoid_alpha,
+        zero_mag=LIGHTGBM_ZERO_MAG if source.family == "lightgbm" else 0,
     )
     if depth <= PERFECT_MAX_DEPTH:
         packed, leaves = _perfect_layout(trees, depth, leaf_dtype)
@@ -298,12 +304,14 @@ _JIT = dict(nogil=True, boundscheck=False, error_model="numpy", cache=True)
 
 
 @njit(inline="always", **_JIT)
-def _row_keys(X, r, xk, base_off, F):
+def _row_keys(X, r, xk, base_off, F, zero_mag):
     xi = X[r].view(np.int32)
     for j in range(F):
         b = xi[j]
         mag = b & np.int32(0x7FFFFFFF)
         k = b if b >= 0 else -mag
+        if mag <= zero_mag:  # +-0, and LightGBM's |x| <= 1e-35 (it reads those as 0)
+            k = np.int32(0)
         if mag > np.int32(0x7F800000):  # NaN
             xk[base_off + j] = INT32_MIN
             xk[base_off + F + j] = INT32_MIN
@@ -368,13 +376,16 @@ def _finish_rows(out, begin, end, base, scale, post, alpha):
 def perfect_predict(X, begin, end, nodes, values, n_trees, depth, post, alpha, out_flat):
     """Score rows [begin, end) of X (float32, C order) into out_flat (n * K); perfect layout.
 
-    ``nodes`` = packed nodes then the output column of each tree; ``values`` = leaves, then the
-    K base margins, then K scales (one argument each keeps the call's unboxing cheap).
+    ``nodes`` = packed nodes, the output column of each tree, then the input's zero magnitude
+    (keys of |x| at or below it read as 0: 0 for XGBoost, 1e-35 for LightGBM); ``values`` =
+    leaves, then the K base margins, then K scales (few arguments keep the call's unboxing
+    cheap).
     ``post`` 0 returns margins. Thread-safe for disjoint row ranges; releases the GIL.
     """
-    n_packed = nodes.shape[0] - n_trees
+    n_packed = nodes.shape[0] - n_trees - 1
     packed = nodes[:n_packed]
-    tree_out = nodes[n_packed:]
+    tree_out = nodes[n_packed : n_packed + n_trees]
+    zero_mag = np.int32(nodes[-1])
     F = U(X.shape[1])
     F2 = U(2) * F
     T = U(n_trees)
@@ -394,7 +405,7 @@ def perfect_predict(X, begin, end, nodes, values, n_trees, depth, post, alpha, o
         # few rows: sixteen trees in lockstep per row (16 independent chains beat 8, 12, 24, 32)
         xk = np.empty(F2, np.int32)  # allocates
         for r in range(begin, end):
-            _row_keys(X, r, xk, U(0), F)
+            _row_keys(X, r, xk, U(0), F, zero_mag)
             t = U(0)
             while t + U(16) <= T:
                 o = t * NI
@@ -483,7 +494,7 @@ def perfect_predict(X, begin, end, nodes, values, n_trees, depth, post, alpha, o
         for b0 in range(begin, end, BLOCK_ROWS):
             nb = U(min(end, b0 + BLOCK_ROWS) - b0)
             for q in range(nb):
-                _row_keys(X, U(b0) + q, xk, q * F2, F)
+                _row_keys(X, U(b0) + q, xk, q * F2, F, zero_mag)
             for t in range(T):
                 o = t * NI
                 lo = t * NL - NI
@@ -532,14 +543,16 @@ def perfect_predict(X, begin, end, nodes, values, n_trees, depth, post, alpha, o
 def explicit_predict(X, begin, end, nodes, values, n_trees, depth, post, alpha, out_flat):
     """Score rows [begin, end) of X into out_flat; explicit-children layout (deep trees).
 
-    ``nodes`` = packed nodes, children, then per tree its root and output column; ``values`` =
+    ``nodes`` = packed nodes, children, per tree its root and output column, then the zero
+    magnitude (see ``perfect_predict``); ``values`` =
     per-node leaf values, K base margins, K scales. ``depth`` is unused (-1).
     """
-    n_nodes = (nodes.shape[0] - 2 * n_trees) // 2
+    n_nodes = (nodes.shape[0] - 2 * n_trees - 1) // 2
     packed = nodes[:n_nodes]
     children = nodes[n_nodes : 2 * n_nodes]
     roots = nodes[2 * n_nodes : 2 * n_nodes + n_trees]
-    tree_out = nodes[2 * n_nodes + n_trees :]
+    tree_out = nodes[2 * n_nodes + n_trees : 2 * n_nodes + 2 * n_trees]
+    zero_mag = np.int32(nodes[-1])
     K = (values.shape[0] - n_nodes) // 2
     leaves = values[:n_nodes]
     base = values[n_nodes : n_nodes + K]
@@ -551,7 +564,7 @@ def explicit_predict(X, begin, end, nodes, values, n_trees, depth, post, alpha, 
     xk = np.empty(F2, np.int32)  # allocates
     _start_rows(out, begin, end, base, scale)
     for r in range(begin, end):
-        _row_keys(X, r, xk, U(0), F)
+        _row_keys(X, r, xk, U(0), F, zero_mag)
         for t in range(T):
             i = roots[t]
             while children[i] != 0:
@@ -572,11 +585,12 @@ class NumbaPredictor:
         self.out_dtype = forest.leaves.dtype
         f = forest
         u64 = np.uint64
+        zero = np.array([f.zero_mag], dtype=u64)
         if f.depth >= 0:
-            parts = [f.packed, f.tree_out.astype(u64)]
+            parts = [f.packed, f.tree_out.astype(u64), zero]
             self._kernel = perfect_predict
         else:
-            parts = [f.packed, f.children, f.roots, f.tree_out]
+            parts = [f.packed, f.children, f.roots, f.tree_out, zero]
             parts = [p.astype(u64) for p in parts]
             self._kernel = explicit_predict
         self._nodes = np.ascontiguousarray(np.concatenate(parts), dtype=u64)
@@ -638,12 +652,12 @@ def warm_kernels() -> None:
     x = np.zeros((8, 2), dtype=np.float32)
     for dtype in (np.float32, np.float64):
         values = np.zeros(2 + 2, dtype=dtype)  # one depth-1 tree: 2 leaves, base, scale
-        nodes = np.zeros(2, dtype=np.uint64)  # one node, one output column
+        nodes = np.zeros(3, dtype=np.uint64)  # one node, one output column, zero magnitude
         out = np.empty(8, dtype=dtype)
         for rows in (1, 8):
             perfect_predict(x, 0, rows, nodes, values, 1, 1, 1, 1.0, out)
         values = np.zeros(1 + 2, dtype=dtype)  # explicit layout: one leaf node
-        nodes = np.zeros(4, dtype=np.uint64)  # packed, child, root, output column
+        nodes = np.zeros(5, dtype=np.uint64)  # packed, child, root, output column, zero
         explicit_predict(x, 0, 8, nodes, values, 1, -1, 1, 1.0, out)
 
 

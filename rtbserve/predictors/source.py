@@ -95,7 +95,7 @@ def _sniff_format(head: bytes) -> str | None:
         major, minor, _patch = np.frombuffer(head[:12], dtype="<i4")
         if 3 <= major <= 9 and 0 <= minor < 100:
             return "treelite"
-    if head.startswith(b"binf") or (len(head) >= 8 and _looks_like_xgb_legacy(head)):
+    if head.startswith(b"binf") or (len(head) >= 12 and _looks_like_xgb_legacy(head)):
         return "xgboost-binary"
     return None
 
@@ -135,7 +135,13 @@ class ModelSource:
     format: str
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike[str]) -> ModelSource:
+    def from_path(cls, path: str | os.PathLike[str], *, isolate: bool = True) -> ModelSource:
+        """Read and sniff a model file.
+
+        isolate: parse binary formats (UBJSON, legacy binary, Treelite) once in a child process
+        first. XGBoost's UBJSON reader can segfault and Treelite's deserializer can hang on
+        corrupted bytes; a child that dies or stalls turns into an ``ArtifactError`` here.
+        """
         file = find_model_file(path)
         raw = file.read_bytes()
         if not raw.strip():
@@ -146,7 +152,28 @@ class ModelSource:
                 f"{str(file)!r} is not a model file: expected XGBoost JSON/UBJSON/legacy binary, "
                 "a LightGBM text model or a Treelite checkpoint"
             )
+        if fmt == "lightgbm" and b"\nend of trees" not in raw:
+            # LightGBM aborts the process on a truncated model string
+            raise ArtifactError(
+                f"{str(file)!r} is a truncated LightGBM model: no 'end of trees' line"
+            )
+        if isolate and fmt in _NATIVE_PARSE_RISK:
+            _parse_in_child(file, fmt)
         return cls(path=file, raw=raw, format=fmt)
+
+    def validate(self) -> None:
+        """Refuse structurally impossible models before any native code indexes with them."""
+        tl = self.treelite
+        n_features = self.n_features
+        for t in range(tl.num_tree):
+            acc = tl.get_tree_accessor(t)
+            internal = acc.get_field("cleft") >= 0
+            split = acc.get_field("split_index")[internal]
+            if split.size and (split.min() < 0 or split.max() >= n_features):
+                raise ArtifactError(
+                    f"{str(self.path)!r}: tree {t} splits on feature {int(split.max())}, but the "
+                    f"model declares {n_features} features"
+                )
 
     @cached_property
     def sha256(self) -> str:
@@ -247,7 +274,10 @@ class ModelSource:
         post = str(h["postprocessor"])
         objective = self._objective()
         is_multiclass = k > 1
-        is_classifier = is_multiclass or post == "sigmoid" or "binary" in objective
+        # reg:logistic also ends in a sigmoid but is a regressor: it has no labels
+        known = self.reference_name in ("xgboost", "lightgbm")
+        is_binary = objective.startswith("binary") or objective in ("cross_entropy", "xentropy")
+        is_classifier = is_multiclass or is_binary or (not known and post == "sigmoid")
         return OutputSpec(
             n_outputs=k,
             postprocessor=post,
@@ -312,6 +342,55 @@ def _softmax(m: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+_NATIVE_PARSE_RISK = ("xgboost-ubjson", "xgboost-binary", "treelite")
+_CHILD_TIMEOUT_S = 10  # plus 1 s per 10 MB; a sound file parses in well under a second
+
+
+def _parse_in_child(file: Path, fmt: str) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "rtbserve.predictors.source", str(file)]
+    timeout_s = _CHILD_TIMEOUT_S + file.stat().st_size / 10e6
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ArtifactError(
+            f"{str(file)!r} looks like a {fmt} model but its parser did not finish in "
+            f"{timeout_s:.0f} s; the file is probably corrupted"
+        ) from None
+    if proc.returncode < 0:
+        raise ArtifactError(
+            f"{str(file)!r} looks like a {fmt} model but crashed its parser (signal "
+            f"{-proc.returncode}); the file is corrupted"
+        )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise ArtifactError(lines[-1] if lines else f"{str(file)!r} does not load as {fmt}")
+
+
+def _check_main(path: str) -> int:
+    """Child side of ``_parse_in_child``: parse fully, print the error line on failure."""
+    import sys
+
+    try:
+        src = ModelSource.from_path(path, isolate=False)
+        _ = src.reference, src.treelite, src.output
+        src.validate()
+    except ArtifactError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    """The informative line of a native library's error (not its backtrace)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("[bt]", "Stack trace"))]
+    return lines[-1] if lines else type(exc).__name__
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_check_main(sys.argv[1]))

@@ -58,12 +58,14 @@ def compile_library(
     module_name: str,
     *,
     sample: np.ndarray | None = None,
-    quantize: bool = True,
+    quantize: bool = False,
 ) -> Path:
     """Generate C for ``source`` and build ``out_dir/<module_name><EXT_SUFFIX>``.
 
-    ``sample`` (float32 rows) drives branch annotation. Raises ``CompileError`` with the compiler's
-    diagnostics when gcc fails.
+    ``sample`` (float32 rows) drives branch annotation. ``quantize`` stays off: TL2cgen 1.0 prints
+    its quantization table with 8 significant digits, and a float32 threshold needs 9, so rows on
+    such a threshold took the wrong branch (caught by the verification gate). Raises
+    ``CompileError`` with the compiler's diagnostics when gcc fails.
     """
     import tl2cgen
 
@@ -83,9 +85,16 @@ def compile_library(
         src_dir = work / "src"
         tl2cgen.generate_c_code(source.treelite, dirpath=str(src_dir), params=params)
         shutil.copy(MODULE_SOURCE, src_dir / MODULE_SOURCE.name)
+        if source.family == "lightgbm":
+            flags = ", ".join("1" if f else "0" for f in _categorical_features(source)) or "0"
+            (src_dir / "rtb_categorical.c").write_text(
+                f"const unsigned char rtb_is_categorical[] = {{{flags}}};\n"
+            )
         sources = sorted(src_dir.glob("*.c"))
         includes = [f"-I{sysconfig.get_paths()['include']}", f"-I{src_dir}"]
         defines = [f"-DRTB_MODULE={module_name}", f"-DRTB_LEAF_T={c_type}"]
+        if source.family == "lightgbm":
+            defines.append("-DRTB_LIGHTGBM_INPUT=1")
 
         def compile_one(c_file: Path) -> Path:
             obj = c_file.with_suffix(".o")
@@ -101,8 +110,23 @@ def compile_library(
     return final
 
 
+def _categorical_features(source: ModelSource) -> list[bool]:
+    """Per feature: does any tree split on it categorically?"""
+    flags = [False] * source.n_features
+    tl = source.treelite
+    for t in range(tl.num_tree):
+        acc = tl.get_tree_accessor(t)
+        cat = (acc.get_field("cleft") >= 0) & (acc.get_field("node_type") == 2)
+        for f in acc.get_field("split_index")[cat]:
+            flags[int(f)] = True
+    return flags
+
+
 def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise CompileError(f"cannot run the C compiler {cmd[0]!r}: {exc}") from exc
     if proc.returncode != 0:
         diagnostics = (proc.stderr or proc.stdout).strip()[-2000:]
         raise CompileError(f"{cmd[0]} failed (exit {proc.returncode}): {diagnostics}")

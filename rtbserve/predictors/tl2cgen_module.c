@@ -20,6 +20,12 @@
 #define RTB_XSTR(a) RTB_STR(a)
 #define RTB_N_OUT (N_TARGET * MAX_N_CLASS)
 
+#ifdef RTB_LIGHTGBM_INPUT
+/* LightGBM reads |x| <= 1e-35f as 0 (it drops them when a dense row turns sparse) and casts
+ * categorical values to int (truncation toward zero); TL2cgen's code does neither. */
+extern const unsigned char rtb_is_categorical[]; /* written by tl2cgen_impl.py */
+#endif
+
 static int get_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t itemsize, const char* what) {
   if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE * (what[0] == 'o')) < 0) {
     return -1;
@@ -67,11 +73,19 @@ static PyObject* rtb_predict(PyObject* self, PyObject* const* args, Py_ssize_t n
   for (Py_ssize_t r = begin; r < end; ++r) {
     const float* xr = x + r * n_features;
     for (Py_ssize_t j = 0; j < n_features; ++j) {
-      if (isnan(xr[j])) {
+      float v = xr[j];
+      if (isnan(v)) {
         row[j].missing = -1;
-      } else {
-        row[j].fvalue = xr[j];
+        continue;
       }
+#ifdef RTB_LIGHTGBM_INPUT
+      if (fabsf(v) <= 1e-35f) {
+        v = 0.0f;
+      } else if (rtb_is_categorical[j] && fabsf(v) < 2147483648.0f) {
+        v = truncf(v);
+      }
+#endif
+      row[j].fvalue = v;
     }
     memset(result, 0, sizeof(result));
     predict(row, margin, result);

@@ -55,6 +55,7 @@ class ModelMeta:
 
     @classmethod
     def from_source(cls, s: ModelSource) -> ModelMeta:
+        s.validate()
         return cls(
             sha256=s.sha256,
             format=s.format,
@@ -249,9 +250,10 @@ class ArtifactStore:
 
     def _small_probe(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         try:
-            with np.load(self.entry.path / PROBE_FILE) as z:
+            with open(self.entry.path / PROBE_FILE, "rb") as fh, np.load(fh) as z:
                 return np.ascontiguousarray(z["X"]), z["out"], z["margin"]
-        except (OSError, KeyError, ValueError):
+        except Exception as exc:  # truncated or corrupted: zipfile, pickle and OS errors
+            log.warning("cached probe unreadable (%s); rebuilding", exc)
             return None
 
 
@@ -276,9 +278,9 @@ def _load_numba(store: ArtifactStore, manifest: dict[str, Any]) -> Any:
     from rtbserve.predictors import numba_impl
 
     try:
-        with np.load(store.entry.path / "forest.npz") as z:
+        with open(store.entry.path / "forest.npz", "rb") as fh, np.load(fh) as z:
             forest = numba_impl.FlatForest.from_npz(z)
-    except (OSError, KeyError, ValueError) as exc:
+    except Exception as exc:  # digest-checked already; anything here means unusable
         raise ArtifactError(f"cached forest unreadable: {exc}") from exc
     return numba_impl.NumbaPredictor(forest)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-CACHE_FORMAT = "rtbserve-cache-1"
+CACHE_FORMAT = "rtbserve-cache-2"
 
 
 def default_cache_dir() -> Path:

@@ -9,6 +9,7 @@ batches.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,14 @@ from typing import Any
 import numpy as np
 import orjson
 
-from rtbserve.errors import ArtifactError, InvalidInput, RtbError, UnsupportedModel
+from rtbserve.errors import (
+    ArtifactError,
+    CompileError,
+    InvalidInput,
+    RtbError,
+    UnsupportedModel,
+    VerificationFailed,
+)
 from rtbserve.predictors import BACKEND_NAMES
 from rtbserve.registry import autotune
 from rtbserve.registry.artifacts import ArtifactStore, BuiltBackend, ModelMeta
@@ -152,7 +160,13 @@ class Model:
         """
         if type(X) is np.ndarray and X.dtype is _F32 and X.ndim == 2 and X.flags.c_contiguous:
             n, n_cols = X.shape
-            if n < _SINGLE_ROWS and n and output == "probability" and n_cols == self.n_features:
+            if (
+                n < _SINGLE_ROWS
+                and n
+                and output == "probability"
+                and n_cols == self.n_features
+                and nthread is None
+            ):
                 # the one-row hot path: one check above, one allocation, one kernel call
                 out = np.empty(n * self.n_outputs, dtype=self._single_dtype)  # allocates
                 self._single(X, out, 0, n)  # releases GIL
@@ -162,6 +176,8 @@ class Model:
             n, n_cols = X.shape
         if n_cols != self.n_features or n == 0:
             self._bad_shape(X)
+        if nthread is not None:
+            nthread = _positive_int(nthread)
         if output == "probability":
             margin = 0
         elif output == "margin":
@@ -176,9 +192,7 @@ class Model:
         return out.reshape(n, self.n_outputs) if self._is_multiclass else out
 
     def _run(self, run: Any, X: np.ndarray, out: np.ndarray, n: int, nthread: int | None) -> None:  # noqa: N803
-        threads = cpu_count() if nthread is None else int(nthread)
-        if threads < 1:
-            raise InvalidInput(f"nthread must be >= 1 or None, got {nthread}")
+        threads = cpu_count() if nthread is None else nthread
         threads = min(threads, max(1, n // (PARALLEL_MIN_ROWS // 2)))
         if threads <= 1 or n < PARALLEL_MIN_ROWS:
             run(X, out, 0, n)
@@ -198,9 +212,15 @@ class Model:
                 f"output='label' needs a classifier; this model ({self.objective}) is a "
                 "regressor: use output='probability'"
             )
-        scores = self.predict(X, output="probability", nthread=nthread)
         if self._is_multiclass:
+            scores = self.predict(X, output="probability", nthread=nthread)
             return np.argmax(scores, axis=1).astype(np.int32)
+        if self.objective == "binary:logitraw":
+            # its output is a margin: the probability threshold t is the margin logit(t)
+            t = min(max(self.threshold, 1e-12), 1 - 1e-12)
+            margins = self.predict(X, output="margin", nthread=nthread)
+            return (margins >= np.log(t / (1 - t))).astype(np.int32)
+        scores = self.predict(X, output="probability", nthread=nthread)
         return (scores >= self.threshold).astype(np.int32)
 
     def _coerce(self, X: Any) -> np.ndarray:
@@ -236,6 +256,16 @@ class Model:
         if n_cols != self.n_features:
             raise InvalidInput(f"expected {self.n_features} features, got {n_cols}")
         raise InvalidInput(f"empty batch: expected at least one row of {self.n_features} features")
+
+
+def _positive_int(value: Any) -> int:
+    try:
+        n = operator.index(value)
+    except TypeError:
+        n = 0
+    if n < 1 or isinstance(value, bool):
+        raise InvalidInput(f"nthread must be a positive int or None, got {value!r}")
+    return n
 
 
 def _model_threshold(model_file: Path) -> float:
@@ -299,17 +329,21 @@ def _load_auto(store: ArtifactStore, meta: ModelMeta, thr: float, policy: str) -
         except RtbError as exc:
             log.warning("saved autotune choice unusable (%s); tuning again", exc)
     candidates: dict[str, BuiltBackend] = {}
-    wanted = ["numba", "tl2cgen"] if policy == "full" else ["numba"]
-    for name in wanted:
+    refused: dict[str, str] = {}
+
+    def attempt(name: str) -> None:
         try:
             candidates[name] = store.backend(name, threshold=thr)
-        except UnsupportedModel as exc:
-            log.info("backend %s cannot serve %s: %s", name, store.model_file, exc)
-    if "numba" not in candidates and "tl2cgen" not in wanted:
-        try:
-            candidates["tl2cgen"] = store.backend("tl2cgen", threshold=thr)
-        except UnsupportedModel as exc:
-            log.info("backend tl2cgen cannot serve %s: %s", store.model_file, exc)
+        except (UnsupportedModel, VerificationFailed, CompileError) as exc:
+            # the reference library still serves: a refused backend is a slower model, not
+            # an outage
+            refused[name] = str(exc)
+            log.warning("backend %s refused for %s: %s", name, store.model_file, exc)
+
+    for name in ["numba", "tl2cgen"] if policy == "full" else ["numba"]:
+        attempt(name)
+    if "numba" not in candidates and "tl2cgen" not in refused and "tl2cgen" not in candidates:
+        attempt("tl2cgen")
     candidates[meta.reference] = store.backend(meta.reference, threshold=thr)
     from rtbserve.registry.verify import build_probe
 
@@ -326,6 +360,7 @@ def _load_auto(store: ArtifactStore, meta: ModelMeta, thr: float, policy: str) -
             "model_sha256": store.sha256,
             "policy": policy,
             "candidates": sorted(candidates),
+            "refused": refused,
             "choice": chosen,
             "timings_s": timings,
         },
