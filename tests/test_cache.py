@@ -24,6 +24,7 @@ from rtb_testutil import (
 )
 
 import rtbserve
+from rtbserve.errors import ArtifactError
 from rtbserve.registry.artifacts import ArtifactStore
 
 MODEL = "xgb_binary_logistic_json"
@@ -503,3 +504,13 @@ def test_broken_autotune_json_is_retuned(zoo, cache_dir, bad):
     assert saved["choice"] == list(m.bucket_backends.values())
     assert set(saved["choice"]) <= {"numba", "xgboost"}
     _check(m, spec, "retuned")
+
+
+def test_unwritable_cache_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    with pytest.raises(ArtifactError, match="not writable"):
+        rtbserve.load_model(
+            Path(__file__).resolve().parent.parent / "models" / "rtb-filter",
+            cache_dir=blocker / "cache",
+        )

@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from rtbserve.errors import ArtifactError
+
 CACHE_FORMAT = "rtbserve-cache-2"
 
 
@@ -95,7 +97,13 @@ class ArtifactDir:
     def __init__(self, root: Path, key: str) -> None:
         self.key = key
         self.path = root / key[:2] / key
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtifactError(
+                f"compile cache {str(root)!r} is not writable ({exc.strerror}); point "
+                "RTBSERVE_CACHE_DIR (or cache_dir=) at a writable directory"
+            ) from exc
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
