@@ -35,8 +35,8 @@ class ReferencePredictor:
         out[begin * k : end * k] = scores.reshape(-1)
 
     def bind(self, margin: bool) -> Any:
-        """``run(X, out, begin, end)`` with the output kind pre-bound."""
-        return lambda X, out, begin, end: self.predict_into(X, out, begin, end, margin)
+        """``run(X, begin, end, out)`` with the output kind pre-bound."""
+        return lambda X, begin, end, out: self.predict_into(X, out, begin, end, margin)
 
     def warm_up(self) -> None:
         x = np.zeros((1, self.n_features), dtype=np.float32)

@@ -172,10 +172,10 @@ class Tl2cgenPredictor:
         self._predict(X, out, begin, end, margin)
 
     def bind(self, margin: bool) -> Any:
-        """``run(X, out, begin, end)`` with the output kind pre-bound."""
+        """``run(X, begin, end, out)`` with the output kind pre-bound."""
         predict = self._predict
 
-        def run(X: np.ndarray, out: np.ndarray, begin: int, end: int) -> None:
+        def run(X: np.ndarray, begin: int, end: int, out: np.ndarray) -> None:
             predict(X, out, begin, end, margin)
 
         return run

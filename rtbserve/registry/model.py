@@ -98,7 +98,7 @@ class Model:
         self.autotune_timings = autotune_timings
         self._backends = backends
         self._by_bucket = [backends[name].predictor for name in bucket_backends]
-        # per bucket: run(X, out, begin, end) for probabilities [0] and margins [1]
+        # per bucket: run(X, begin, end, out) for probabilities [0] and margins [1]
         self._runs = [(p.bind(False), p.bind(True)) for p in self._by_bucket]
         self._single = self._runs[0][0]
         self._out_dtype = [p.out_dtype for p in self._by_bucket]
@@ -169,7 +169,7 @@ class Model:
             ):
                 # the one-row hot path: one check above, one allocation, one kernel call
                 out = np.empty(n * self.n_outputs, dtype=self._single_dtype)  # allocates
-                self._single(X, out, 0, n)  # releases GIL
+                self._single(X, 0, n, out)  # releases GIL
                 return out.reshape(n, self.n_outputs) if self._is_multiclass else out
         else:
             X = self._coerce(X)  # noqa: N806
@@ -195,14 +195,14 @@ class Model:
         threads = cpu_count() if nthread is None else nthread
         threads = min(threads, max(1, n // (PARALLEL_MIN_ROWS // 2)))
         if threads <= 1 or n < PARALLEL_MIN_ROWS:
-            run(X, out, 0, n)
+            run(X, 0, n, out)
             return
         bounds = np.linspace(0, n, threads + 1).astype(int)
         pool = _POOL.get()
         futures = [
-            pool.submit(run, X, out, int(bounds[i]), int(bounds[i + 1])) for i in range(1, threads)
+            pool.submit(run, X, int(bounds[i]), int(bounds[i + 1]), out) for i in range(1, threads)
         ]
-        run(X, out, 0, int(bounds[1]))
+        run(X, 0, int(bounds[1]), out)
         for f in futures:
             f.result()
 
