@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m rtbserve.predictors.numba_impl  # fills numba's kernel cache once
+	$(BIN)/python -m rtbserve.predictors.numba_impl  # fills numba's kernel cache once (~1 min)
 	@touch $(STAMP)
 
 serve: $(STAMP)

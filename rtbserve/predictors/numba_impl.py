@@ -373,182 +373,190 @@ def _finish_rows(out, begin, end, base, scale, post, alpha):
                 out[r, c] = 1.0 if out[r, c] > 0 else 0.0
 
 
-@njit(**_JIT)
-def perfect_predict(nodes, values, n_trees, depth, post, alpha, X, begin, end, out_flat):
-    """Score rows [begin, end) of X (float32, C order) into out_flat (n * K); perfect layout.
+def _make_perfect_kernel(depth: int) -> Any:
+    D = depth  # a compile-time constant of this kernel: the level loop has a fixed trip count
 
-    ``nodes`` = packed nodes, the output column of each tree, then the input's zero magnitude
-    (keys of |x| at or below it read as 0: 0 for XGBoost, 1e-35 for LightGBM); ``values`` =
-    leaves, then the K base margins, then K scales (few arguments keep the call's unboxing
-    cheap).
-    ``post`` 0 returns margins. Thread-safe for disjoint row ranges; releases the GIL.
-    """
-    n_packed = nodes.shape[0] - n_trees - 1
-    packed = nodes[:n_packed]
-    tree_out = nodes[n_packed : n_packed + n_trees]
-    zero_mag = np.int32(nodes[-1])
-    F = U(X.shape[1])
-    F2 = U(2) * F
-    T = U(n_trees)
-    # a compile-time depth: the kernel is specialised per depth (numba.literally), so the level
-    # loop has a constant trip count (14-17% faster per row than a runtime depth, measured)
-    D = numba.literally(depth)
-    NI = (U(1) << U(D)) - U(1)
-    NL = NI + U(1)
-    n_leaves = T * NL
-    K = (values.shape[0] - n_leaves) // 2
-    leaves = values[:n_leaves]
-    base = values[n_leaves : n_leaves + K]
-    scale = values[n_leaves + K :]
-    out = out_flat.reshape((out_flat.shape[0] // K, K))
-    one = U(1)
-    two = U(2)
-    _start_rows(out, begin, end, base, scale)
-    if end - begin < 4:
-        # few rows: sixteen trees in lockstep per row (16 independent chains beat 8, 12, 24, 32)
-        xk = np.empty(F2, np.int32)  # allocates
-        for r in range(begin, end):
-            _row_keys(X, r, xk, U(0), F, zero_mag)
-            t = U(0)
-            while t + U(16) <= T:
-                o = t * NI
-                i0 = U(0)
-                i1 = U(0)
-                i2 = U(0)
-                i3 = U(0)
-                i4 = U(0)
-                i5 = U(0)
-                i6 = U(0)
-                i7 = U(0)
-                i8 = U(0)
-                i9 = U(0)
-                i10 = U(0)
-                i11 = U(0)
-                i12 = U(0)
-                i13 = U(0)
-                i14 = U(0)
-                i15 = U(0)
-                for _ in range(D):
-                    i0 = two * i0 + one + _step(packed, o + U(0) * NI + i0, xk, U(0))
-                    i1 = two * i1 + one + _step(packed, o + U(1) * NI + i1, xk, U(0))
-                    i2 = two * i2 + one + _step(packed, o + U(2) * NI + i2, xk, U(0))
-                    i3 = two * i3 + one + _step(packed, o + U(3) * NI + i3, xk, U(0))
-                    i4 = two * i4 + one + _step(packed, o + U(4) * NI + i4, xk, U(0))
-                    i5 = two * i5 + one + _step(packed, o + U(5) * NI + i5, xk, U(0))
-                    i6 = two * i6 + one + _step(packed, o + U(6) * NI + i6, xk, U(0))
-                    i7 = two * i7 + one + _step(packed, o + U(7) * NI + i7, xk, U(0))
-                    i8 = two * i8 + one + _step(packed, o + U(8) * NI + i8, xk, U(0))
-                    i9 = two * i9 + one + _step(packed, o + U(9) * NI + i9, xk, U(0))
-                    i10 = two * i10 + one + _step(packed, o + U(10) * NI + i10, xk, U(0))
-                    i11 = two * i11 + one + _step(packed, o + U(11) * NI + i11, xk, U(0))
-                    i12 = two * i12 + one + _step(packed, o + U(12) * NI + i12, xk, U(0))
-                    i13 = two * i13 + one + _step(packed, o + U(13) * NI + i13, xk, U(0))
-                    i14 = two * i14 + one + _step(packed, o + U(14) * NI + i14, xk, U(0))
-                    i15 = two * i15 + one + _step(packed, o + U(15) * NI + i15, xk, U(0))
-                lo = t * NL - NI
-                if K == 1:
-                    s = out[r, 0]  # sequential, in tree order, as the reference sums
-                    s += leaves[lo + U(0) * NL + i0]
-                    s += leaves[lo + U(1) * NL + i1]
-                    s += leaves[lo + U(2) * NL + i2]
-                    s += leaves[lo + U(3) * NL + i3]
-                    s += leaves[lo + U(4) * NL + i4]
-                    s += leaves[lo + U(5) * NL + i5]
-                    s += leaves[lo + U(6) * NL + i6]
-                    s += leaves[lo + U(7) * NL + i7]
-                    s += leaves[lo + U(8) * NL + i8]
-                    s += leaves[lo + U(9) * NL + i9]
-                    s += leaves[lo + U(10) * NL + i10]
-                    s += leaves[lo + U(11) * NL + i11]
-                    s += leaves[lo + U(12) * NL + i12]
-                    s += leaves[lo + U(13) * NL + i13]
-                    s += leaves[lo + U(14) * NL + i14]
-                    s += leaves[lo + U(15) * NL + i15]
-                    out[r, 0] = s
-                else:
-                    out[r, tree_out[t + U(0)]] += leaves[lo + U(0) * NL + i0]
-                    out[r, tree_out[t + U(1)]] += leaves[lo + U(1) * NL + i1]
-                    out[r, tree_out[t + U(2)]] += leaves[lo + U(2) * NL + i2]
-                    out[r, tree_out[t + U(3)]] += leaves[lo + U(3) * NL + i3]
-                    out[r, tree_out[t + U(4)]] += leaves[lo + U(4) * NL + i4]
-                    out[r, tree_out[t + U(5)]] += leaves[lo + U(5) * NL + i5]
-                    out[r, tree_out[t + U(6)]] += leaves[lo + U(6) * NL + i6]
-                    out[r, tree_out[t + U(7)]] += leaves[lo + U(7) * NL + i7]
-                    out[r, tree_out[t + U(8)]] += leaves[lo + U(8) * NL + i8]
-                    out[r, tree_out[t + U(9)]] += leaves[lo + U(9) * NL + i9]
-                    out[r, tree_out[t + U(10)]] += leaves[lo + U(10) * NL + i10]
-                    out[r, tree_out[t + U(11)]] += leaves[lo + U(11) * NL + i11]
-                    out[r, tree_out[t + U(12)]] += leaves[lo + U(12) * NL + i12]
-                    out[r, tree_out[t + U(13)]] += leaves[lo + U(13) * NL + i13]
-                    out[r, tree_out[t + U(14)]] += leaves[lo + U(14) * NL + i14]
-                    out[r, tree_out[t + U(15)]] += leaves[lo + U(15) * NL + i15]
-                t += U(16)
-            while t < T:
-                o = t * NI
-                i = U(0)
-                for _ in range(D):
-                    i = two * i + one + _step(packed, o + i, xk, U(0))
-                out[r, tree_out[t]] += leaves[t * NL - NI + i]
-                t += one
-    else:
-        # batches: 64-row blocks, tree-major, eight rows in lockstep
-        B = U(BLOCK_ROWS)
-        xk = np.empty(B * F2, np.int32)  # allocates
-        for b0 in range(begin, end, BLOCK_ROWS):
-            nb = U(min(end, b0 + BLOCK_ROWS) - b0)
-            for q in range(nb):
-                _row_keys(X, U(b0) + q, xk, q * F2, F, zero_mag)
-            for t in range(T):
-                o = t * NI
-                lo = t * NL - NI
-                c = tree_out[t]
-                q = U(0)
-                while q + U(8) <= nb:
-                    x0 = q * F2
-                    x1 = x0 + F2
-                    x2 = x1 + F2
-                    x3 = x2 + F2
-                    x4 = x3 + F2
-                    x5 = x4 + F2
-                    x6 = x5 + F2
-                    x7 = x6 + F2
-                    i0 = i1 = i2 = i3 = i4 = i5 = i6 = i7 = U(0)
+    @njit(**_JIT)
+    def perfect_predict(nodes, values, n_trees, post, alpha, X, begin, end, out_flat):
+        """Score rows [begin, end) of X (float32, C order) into out_flat (n * K); perfect layout.
+
+        ``nodes`` = packed nodes, the output column of each tree, then the input's zero magnitude
+        (keys of |x| at or below it read as 0: 0 for XGBoost, 1e-35 for LightGBM); ``values`` =
+        leaves, then the K base margins, then K scales (few arguments keep the call's unboxing
+        cheap).
+        ``post`` 0 returns margins. Thread-safe for disjoint row ranges; releases the GIL.
+        """
+        n_packed = nodes.shape[0] - n_trees - 1
+        packed = nodes[:n_packed]
+        tree_out = nodes[n_packed : n_packed + n_trees]
+        zero_mag = np.int32(nodes[-1])
+        F = U(X.shape[1])
+        F2 = U(2) * F
+        T = U(n_trees)
+        NI = (U(1) << U(D)) - U(1)
+        NL = NI + U(1)
+        n_leaves = T * NL
+        K = (values.shape[0] - n_leaves) // 2
+        leaves = values[:n_leaves]
+        base = values[n_leaves : n_leaves + K]
+        scale = values[n_leaves + K :]
+        out = out_flat.reshape((out_flat.shape[0] // K, K))
+        one = U(1)
+        two = U(2)
+        _start_rows(out, begin, end, base, scale)
+        if end - begin < 4:
+            # few rows: sixteen trees in lockstep per row (16 independent chains beat 8, 12, 24, 32)
+            xk = np.empty(F2, np.int32)  # allocates
+            for r in range(begin, end):
+                _row_keys(X, r, xk, U(0), F, zero_mag)
+                t = U(0)
+                while t + U(16) <= T:
+                    o = t * NI
+                    i0 = U(0)
+                    i1 = U(0)
+                    i2 = U(0)
+                    i3 = U(0)
+                    i4 = U(0)
+                    i5 = U(0)
+                    i6 = U(0)
+                    i7 = U(0)
+                    i8 = U(0)
+                    i9 = U(0)
+                    i10 = U(0)
+                    i11 = U(0)
+                    i12 = U(0)
+                    i13 = U(0)
+                    i14 = U(0)
+                    i15 = U(0)
                     for _ in range(D):
-                        i0 = two * i0 + one + _step(packed, o + i0, xk, x0)
-                        i1 = two * i1 + one + _step(packed, o + i1, xk, x1)
-                        i2 = two * i2 + one + _step(packed, o + i2, xk, x2)
-                        i3 = two * i3 + one + _step(packed, o + i3, xk, x3)
-                        i4 = two * i4 + one + _step(packed, o + i4, xk, x4)
-                        i5 = two * i5 + one + _step(packed, o + i5, xk, x5)
-                        i6 = two * i6 + one + _step(packed, o + i6, xk, x6)
-                        i7 = two * i7 + one + _step(packed, o + i7, xk, x7)
-                    r = U(b0) + q
-                    out[r, c] += leaves[lo + i0]
-                    out[r + one, c] += leaves[lo + i1]
-                    out[r + U(2), c] += leaves[lo + i2]
-                    out[r + U(3), c] += leaves[lo + i3]
-                    out[r + U(4), c] += leaves[lo + i4]
-                    out[r + U(5), c] += leaves[lo + i5]
-                    out[r + U(6), c] += leaves[lo + i6]
-                    out[r + U(7), c] += leaves[lo + i7]
-                    q += U(8)
-                while q < nb:
+                        i0 = two * i0 + one + _step(packed, o + U(0) * NI + i0, xk, U(0))
+                        i1 = two * i1 + one + _step(packed, o + U(1) * NI + i1, xk, U(0))
+                        i2 = two * i2 + one + _step(packed, o + U(2) * NI + i2, xk, U(0))
+                        i3 = two * i3 + one + _step(packed, o + U(3) * NI + i3, xk, U(0))
+                        i4 = two * i4 + one + _step(packed, o + U(4) * NI + i4, xk, U(0))
+                        i5 = two * i5 + one + _step(packed, o + U(5) * NI + i5, xk, U(0))
+                        i6 = two * i6 + one + _step(packed, o + U(6) * NI + i6, xk, U(0))
+                        i7 = two * i7 + one + _step(packed, o + U(7) * NI + i7, xk, U(0))
+                        i8 = two * i8 + one + _step(packed, o + U(8) * NI + i8, xk, U(0))
+                        i9 = two * i9 + one + _step(packed, o + U(9) * NI + i9, xk, U(0))
+                        i10 = two * i10 + one + _step(packed, o + U(10) * NI + i10, xk, U(0))
+                        i11 = two * i11 + one + _step(packed, o + U(11) * NI + i11, xk, U(0))
+                        i12 = two * i12 + one + _step(packed, o + U(12) * NI + i12, xk, U(0))
+                        i13 = two * i13 + one + _step(packed, o + U(13) * NI + i13, xk, U(0))
+                        i14 = two * i14 + one + _step(packed, o + U(14) * NI + i14, xk, U(0))
+                        i15 = two * i15 + one + _step(packed, o + U(15) * NI + i15, xk, U(0))
+                    lo = t * NL - NI
+                    if K == 1:
+                        s = out[r, 0]  # sequential, in tree order, as the reference sums
+                        s += leaves[lo + U(0) * NL + i0]
+                        s += leaves[lo + U(1) * NL + i1]
+                        s += leaves[lo + U(2) * NL + i2]
+                        s += leaves[lo + U(3) * NL + i3]
+                        s += leaves[lo + U(4) * NL + i4]
+                        s += leaves[lo + U(5) * NL + i5]
+                        s += leaves[lo + U(6) * NL + i6]
+                        s += leaves[lo + U(7) * NL + i7]
+                        s += leaves[lo + U(8) * NL + i8]
+                        s += leaves[lo + U(9) * NL + i9]
+                        s += leaves[lo + U(10) * NL + i10]
+                        s += leaves[lo + U(11) * NL + i11]
+                        s += leaves[lo + U(12) * NL + i12]
+                        s += leaves[lo + U(13) * NL + i13]
+                        s += leaves[lo + U(14) * NL + i14]
+                        s += leaves[lo + U(15) * NL + i15]
+                        out[r, 0] = s
+                    else:
+                        out[r, tree_out[t + U(0)]] += leaves[lo + U(0) * NL + i0]
+                        out[r, tree_out[t + U(1)]] += leaves[lo + U(1) * NL + i1]
+                        out[r, tree_out[t + U(2)]] += leaves[lo + U(2) * NL + i2]
+                        out[r, tree_out[t + U(3)]] += leaves[lo + U(3) * NL + i3]
+                        out[r, tree_out[t + U(4)]] += leaves[lo + U(4) * NL + i4]
+                        out[r, tree_out[t + U(5)]] += leaves[lo + U(5) * NL + i5]
+                        out[r, tree_out[t + U(6)]] += leaves[lo + U(6) * NL + i6]
+                        out[r, tree_out[t + U(7)]] += leaves[lo + U(7) * NL + i7]
+                        out[r, tree_out[t + U(8)]] += leaves[lo + U(8) * NL + i8]
+                        out[r, tree_out[t + U(9)]] += leaves[lo + U(9) * NL + i9]
+                        out[r, tree_out[t + U(10)]] += leaves[lo + U(10) * NL + i10]
+                        out[r, tree_out[t + U(11)]] += leaves[lo + U(11) * NL + i11]
+                        out[r, tree_out[t + U(12)]] += leaves[lo + U(12) * NL + i12]
+                        out[r, tree_out[t + U(13)]] += leaves[lo + U(13) * NL + i13]
+                        out[r, tree_out[t + U(14)]] += leaves[lo + U(14) * NL + i14]
+                        out[r, tree_out[t + U(15)]] += leaves[lo + U(15) * NL + i15]
+                    t += U(16)
+                while t < T:
+                    o = t * NI
                     i = U(0)
-                    xo = q * F2
                     for _ in range(D):
-                        i = two * i + one + _step(packed, o + i, xk, xo)
-                    out[U(b0) + q, c] += leaves[lo + i]
-                    q += one
-    _finish_rows(out, begin, end, base, scale, post, alpha)
+                        i = two * i + one + _step(packed, o + i, xk, U(0))
+                    out[r, tree_out[t]] += leaves[t * NL - NI + i]
+                    t += one
+        else:
+            # batches: 64-row blocks, tree-major, eight rows in lockstep
+            B = U(BLOCK_ROWS)
+            xk = np.empty(B * F2, np.int32)  # allocates
+            for b0 in range(begin, end, BLOCK_ROWS):
+                nb = U(min(end, b0 + BLOCK_ROWS) - b0)
+                for q in range(nb):
+                    _row_keys(X, U(b0) + q, xk, q * F2, F, zero_mag)
+                for t in range(T):
+                    o = t * NI
+                    lo = t * NL - NI
+                    c = tree_out[t]
+                    q = U(0)
+                    while q + U(8) <= nb:
+                        x0 = q * F2
+                        x1 = x0 + F2
+                        x2 = x1 + F2
+                        x3 = x2 + F2
+                        x4 = x3 + F2
+                        x5 = x4 + F2
+                        x6 = x5 + F2
+                        x7 = x6 + F2
+                        i0 = i1 = i2 = i3 = i4 = i5 = i6 = i7 = U(0)
+                        for _ in range(D):
+                            i0 = two * i0 + one + _step(packed, o + i0, xk, x0)
+                            i1 = two * i1 + one + _step(packed, o + i1, xk, x1)
+                            i2 = two * i2 + one + _step(packed, o + i2, xk, x2)
+                            i3 = two * i3 + one + _step(packed, o + i3, xk, x3)
+                            i4 = two * i4 + one + _step(packed, o + i4, xk, x4)
+                            i5 = two * i5 + one + _step(packed, o + i5, xk, x5)
+                            i6 = two * i6 + one + _step(packed, o + i6, xk, x6)
+                            i7 = two * i7 + one + _step(packed, o + i7, xk, x7)
+                        r = U(b0) + q
+                        out[r, c] += leaves[lo + i0]
+                        out[r + one, c] += leaves[lo + i1]
+                        out[r + U(2), c] += leaves[lo + i2]
+                        out[r + U(3), c] += leaves[lo + i3]
+                        out[r + U(4), c] += leaves[lo + i4]
+                        out[r + U(5), c] += leaves[lo + i5]
+                        out[r + U(6), c] += leaves[lo + i6]
+                        out[r + U(7), c] += leaves[lo + i7]
+                        q += U(8)
+                    while q < nb:
+                        i = U(0)
+                        xo = q * F2
+                        for _ in range(D):
+                            i = two * i + one + _step(packed, o + i, xk, xo)
+                        out[U(b0) + q, c] += leaves[lo + i]
+                        q += one
+        _finish_rows(out, begin, end, base, scale, post, alpha)
+
+    return perfect_predict
+
+
+@functools.cache
+def perfect_kernel(depth: int) -> Any:
+    """The perfect-layout kernel for one forest depth (numba caches each on disk)."""
+    return _make_perfect_kernel(depth)
 
 
 @njit(**_JIT)
-def explicit_predict(nodes, values, n_trees, depth, post, alpha, X, begin, end, out_flat):
+def explicit_predict(nodes, values, n_trees, post, alpha, X, begin, end, out_flat):
     """Score rows [begin, end) of X into out_flat; explicit-children layout (deep trees).
 
     ``nodes`` = packed nodes, children, per tree its root and output column, then the zero
     magnitude (see ``perfect_predict``); ``values`` =
-    per-node leaf values, K base margins, K scales. ``depth`` is unused (-1).
+    per-node leaf values, K base margins, K scales.
     """
     n_nodes = (nodes.shape[0] - 2 * n_trees - 1) // 2
     packed = nodes[:n_nodes]
@@ -591,7 +599,7 @@ class NumbaPredictor:
         zero = np.array([f.zero_mag], dtype=u64)
         if f.depth >= 0:
             parts = [f.packed, f.tree_out.astype(u64), zero]
-            self._kernel = perfect_predict
+            self._kernel = perfect_kernel(f.depth)
         else:
             parts = [f.packed, f.children, f.roots, f.tree_out, zero]
             parts = [p.astype(u64) for p in parts]
@@ -618,7 +626,6 @@ class NumbaPredictor:
             self._nodes,
             self._values,
             self._n_trees,
-            self._depth,
             0 if margin else self._post,
             self._alpha,
             X,
@@ -634,14 +641,14 @@ class NumbaPredictor:
         the kernel.
         """
         post = 0 if margin else self._post
-        args = (self._nodes, self._values, self._n_trees, self._depth, post, self._alpha)
+        args = (self._nodes, self._values, self._n_trees, post, self._alpha)
         return functools.partial(self._call, *args)
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) the kernel, then bind its typed entry point."""
         x = np.zeros((8, self.n_features), dtype=np.float32)
         out = np.empty(8 * self.n_outputs, dtype=self.out_dtype)
-        args = (self._nodes, self._values, self._n_trees, self._depth, 1, 1.0, x, 0, 8, out)
+        args = (self._nodes, self._values, self._n_trees, 1, 1.0, x, 0, 8, out)
         self._kernel(*args)
         # the typed entry point skips argument type dispatch (~0.2 us a call)
         self._call = _entry_point(self._kernel, args)
@@ -659,18 +666,21 @@ def _entry_point(kernel: Any, args: tuple[Any, ...]) -> Any:
     return kernel
 
 
-def warm_kernels() -> None:
-    """Compile every kernel signature into numba's on-disk cache (run once after install)."""
+def warm_kernels(depths: range = range(PERFECT_MAX_DEPTH + 1)) -> None:
+    """Compile every kernel into numba's on-disk cache (run once after install: ~1 min)."""
     x = np.zeros((8, 2), dtype=np.float32)
     for dtype in (np.float32, np.float64):
-        values = np.zeros(2 + 2, dtype=dtype)  # one depth-1 tree: 2 leaves, base, scale
-        nodes = np.zeros(3, dtype=np.uint64)  # one node, one output column, zero magnitude
         out = np.empty(8, dtype=dtype)
-        for rows in (1, 8):
-            perfect_predict(nodes, values, 1, 1, 1, 1.0, x, 0, rows, out)
+        for depth in depths:
+            n_leaves = 1 << depth
+            values = np.zeros(n_leaves + 2, dtype=dtype)  # one tree: leaves, base, scale
+            nodes = np.zeros(n_leaves - 1 + 2, dtype=np.uint64)  # nodes, output column, zero
+            kernel = perfect_kernel(depth)
+            for rows in (1, 8):
+                kernel(nodes, values, 1, 1, 1.0, x, 0, rows, out)
         values = np.zeros(1 + 2, dtype=dtype)  # explicit layout: one leaf node
         nodes = np.zeros(5, dtype=np.uint64)  # packed, child, root, output column, zero
-        explicit_predict(nodes, values, 1, -1, 1, 1.0, x, 0, 8, out)
+        explicit_predict(nodes, values, 1, 1, 1.0, x, 0, 8, out)
 
 
 if __name__ == "__main__":
