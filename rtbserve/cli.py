@@ -128,7 +128,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Until the server lands (issue 3), score the demo sample and report latency."""
+    from rtbserve.server import ServerSettings, run
+
+    settings = ServerSettings(
+        model_path=Path(args.model) if args.model else demo_model_path(),
+        host=args.host,
+        http_port=args.http_port,
+        backend=args.backend,
+        cache_dir=args.cache_dir,
+    )
+    return run(settings)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Score the demo sample in process and report the one-row latency."""
     path = Path(args.model) if args.model else demo_model_path()
     t0 = time.perf_counter()
     model = _load(args, path)
@@ -156,7 +169,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"one-row latency over 10,000 calls: median {np.median(lat) / 1e3:.2f} us, "
         f"p99 {np.percentile(lat, 99) / 1e3:.2f} us"
     )
-    print("(the HTTP/gRPC server arrives with issue 3; this command then serves the model)")
     return 0
 
 
@@ -175,10 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="probability", choices=("probability", "margin", "label"))
     _add_load_args(p)
     p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("serve", help="serve a model (default: the bundled demo model)")
+    p = sub.add_parser("serve", help="serve a model over HTTP (default: the bundled demo model)")
     p.add_argument("model", nargs="?")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--http-port", type=int, default=8080)
     _add_load_args(p)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("demo", help="score the demo model's sample in process; print latency")
+    p.add_argument("model", nargs="?")
+    _add_load_args(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

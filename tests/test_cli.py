@@ -61,7 +61,49 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_serve_demo_runs(tmp_path):
-    proc = run_cli("serve", cache=tmp_path)
+def test_demo_runs(tmp_path):
+    proc = run_cli("demo", cache=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "scored 100 sample requests" in proc.stdout
+
+
+def test_serve_answers_http_and_drains_on_sigterm(tmp_path):
+    import signal
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtbserve.cli", "serve", "--host", "127.0.0.1", "--http-port", "0",
+         "--cache-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("listening on http://127.0.0.1:"), first
+        url = first.split()[-1]
+        with httpx.Client(base_url=url, timeout=10) as client:
+            ready = proc.stdout.readline()  # printed once the model is verified: no sleeps
+            assert ready.startswith("ready: model 'rtb-filter'"), ready
+            assert client.get("/ping").status_code == 200
+            csv = (DEMO / "sample.csv").read_text()
+            r = client.post("/invocations", content=csv, headers={"content-type": "text/csv"})
+            assert r.status_code == 200, r.text
+            got = np.array([float(v) for v in r.text.split()])
+            X = np.genfromtxt(DEMO / "sample.csv", delimiter=",", dtype=np.float32)  # noqa: N806
+            want = xgb.Booster(model_file=str(DEMO / "model.json")).inplace_predict(X)
+            np.testing.assert_allclose(got, want, atol=1e-6)
+            bad = client.post(
+                "/invocations", content=b"1,2,3", headers={"content-type": "text/csv"}
+            )
+            assert bad.status_code == 400 and "expected 67 features" in bad.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -1,0 +1,77 @@
+"""Codecs: request payload bytes -> float32 feature matrix, scores -> response bytes.
+
+A codec is a pair of plain functions keyed by media type in ``DECODERS`` / ``ENCODERS``.
+``decode_rows`` and ``encode_scores`` are what a transport calls: they parse the media type
+(case-insensitive, with parameters), check the charset and dispatch. Codecs know nothing about
+sockets or HTTP; they raise ``rtbserve.errors`` exceptions that each transport maps to status
+codes (``UnsupportedMediaType`` 415, ``InvalidInput`` 400, ``NotAcceptable`` 406).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from rtbserve.codecs.csv_codec import parse_csv_rows, scores_to_csv
+from rtbserve.codecs.json_codec import parse_json_rows, scores_to_json
+from rtbserve.codecs.media import negotiate, parse_media_type
+from rtbserve.errors import NotAcceptable, UnsupportedMediaType
+
+DECODERS: dict[str, Callable[[bytes, int], np.ndarray]] = {
+    "text/csv": parse_csv_rows,
+    "application/json": parse_json_rows,
+}
+ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "text/csv": scores_to_csv,
+    "application/json": scores_to_json,
+}
+SUPPORTED_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def decode_rows(body: bytes, content_type: str, n_features: int) -> np.ndarray:
+    """Decode a request body into a float32 (rows, n_features) C-contiguous array.
+
+    ``content_type``: the raw Content-Type value, e.g. ``"text/csv; charset=utf-8"``.
+    Raises ``UnsupportedMediaType`` for a missing/unknown type (listing the supported ones) or
+    a charset other than UTF-8/ASCII, and whatever the decoder raises.
+    """
+    if not content_type or not content_type.strip():
+        raise UnsupportedMediaType(f"missing content type; supported: {', '.join(DECODERS)}")
+    media, params = parse_media_type(content_type)
+    decoder = DECODERS.get(media)
+    if decoder is None:
+        raise UnsupportedMediaType(
+            f"unsupported content type {media!r}; supported: {', '.join(DECODERS)}"
+        )
+    charset = params.get("charset")
+    if charset is not None and charset.lower() not in SUPPORTED_CHARSETS:
+        raise UnsupportedMediaType(f"unsupported charset {charset!r}; supported: utf-8, ascii")
+    return decoder(body, n_features)
+
+
+def encode_scores(scores: np.ndarray, media_type: str) -> tuple[bytes, str]:
+    """Encode scores for ``media_type`` (a type from ``negotiate``); returns (body, content type).
+
+    The content type returned is concrete (no wildcards, no parameters). Raises
+    ``NotAcceptable`` listing the supported types when ``media_type`` has no encoder.
+    """
+    media, _ = parse_media_type(media_type)
+    encoder = ENCODERS.get(media)
+    if encoder is None:
+        raise NotAcceptable(f"cannot encode scores as {media!r}; supported: {', '.join(ENCODERS)}")
+    return encoder(scores), media
+
+
+__all__ = [
+    "DECODERS",
+    "ENCODERS",
+    "decode_rows",
+    "encode_scores",
+    "negotiate",
+    "parse_csv_rows",
+    "parse_json_rows",
+    "parse_media_type",
+    "scores_to_csv",
+    "scores_to_json",
+]
