@@ -609,7 +609,6 @@ class NumbaPredictor:
             np.concatenate([f.leaves, f.base, f.scale]), dtype=self.out_dtype
         )
         self._n_trees = f.n_trees
-        self._depth = f.depth
         self._post = f.post
         self._alpha = f.alpha
         self._call: Any = self._kernel
@@ -655,15 +654,9 @@ class NumbaPredictor:
 
 
 def _entry_point(kernel: Any, args: tuple[Any, ...]) -> Any:
-    """The compiled overload matching ``args`` (literal-typed ones by value), or the dispatcher."""
-    types = [numba.typeof(a) for a in args]
-    for key, cres in kernel.overloads.items():
-        if len(key) == len(args) and all(
-            getattr(k, "literal_value", None) == a if hasattr(k, "literal_value") else k == t
-            for k, a, t in zip(key, args, types, strict=True)
-        ):
-            return cres.entry_point
-    return kernel
+    """The compiled overload for ``args``' types (skips dispatch), or the dispatcher itself."""
+    overload = kernel.overloads.get(tuple(numba.typeof(a) for a in args))
+    return overload.entry_point if overload is not None else kernel
 
 
 def warm_kernels(depths: range = range(PERFECT_MAX_DEPTH + 1)) -> None:

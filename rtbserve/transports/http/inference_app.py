@@ -56,6 +56,16 @@ class InferenceApp:
         self.dataplane = dataplane
         self.default_accept = default_accept
         self.supported_accept = tuple(ENCODERS)
+        self._accept_cache: dict[str | None, str] = {}
+
+    def _accept(self, header: str | None) -> str:
+        # clients send the same few Accept values: negotiate each once, not per request
+        chosen = self._accept_cache.get(header)
+        if chosen is None:
+            chosen = negotiate(header, self.supported_accept, self.default_accept)
+            if len(self._accept_cache) < 64:
+                self._accept_cache[header] = chosen
+        return chosen
 
     def handle(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         path = request.path
@@ -75,9 +85,7 @@ class InferenceApp:
             dp = self.dataplane
             served = dp.get(None)
             dp.check_capacity(served)  # shed before decoding
-            accept = negotiate(
-                request.headers.get("accept"), self.supported_accept, self.default_accept
-            )
+            accept = self._accept(request.headers.get("accept"))
             content_type = request.headers.get("content-type", "text/csv")
             rows = decode_rows(request.body, content_type, served.n_features)
             scores = await dp.infer(served, rows, _deadline_ms(request))
