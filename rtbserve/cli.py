@@ -128,14 +128,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rtbserve.server import ServerSettings, run
+    from rtbserve.config import ServerSettings, discover_models
+    from rtbserve.supervisor import run
 
+    models = discover_models(
+        args.model or demo_model_path(),
+        backend=None if args.backend == "auto" else args.backend,
+    )
     settings = ServerSettings(
-        model_path=Path(args.model) if args.model else demo_model_path(),
+        models=tuple(models),
         host=args.host,
         http_port=args.http_port,
-        backend=args.backend,
+        grpc_port=None if args.no_grpc else args.grpc_port,
+        metrics_port=args.metrics_port,
+        workers=args.workers or len(os.sched_getaffinity(0)),
         cache_dir=args.cache_dir,
+        drain_timeout_s=args.drain_timeout_s,
+        max_body_bytes=args.max_body_bytes,
+        idle_timeout_s=args.idle_timeout_s,
+        request_timeout_s=args.request_timeout_s,
     )
     return run(settings)
 
@@ -187,11 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="probability", choices=("probability", "margin", "label"))
     _add_load_args(p)
     p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("serve", help="serve a model over HTTP (default: the bundled demo model)")
-    p.add_argument("model", nargs="?")
+    p = sub.add_parser(
+        "serve",
+        help="serve models over HTTP and gRPC (default: the bundled demo model)",
+        description="MODEL_OR_REPO: a model file, a directory with one model, or a repository "
+        "directory with one sub-directory per model (each may hold an rtbserve.toml).",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL_OR_REPO")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--http-port", type=int, default=8080)
-    _add_load_args(p)
+    p.add_argument("--http-port", type=int, default=8080, help="0 picks a free port")
+    p.add_argument("--grpc-port", type=int, default=9000, help="0 picks a free port")
+    p.add_argument("--no-grpc", action="store_true", help="do not serve gRPC")
+    p.add_argument("--metrics-port", type=int, default=None, help="a /metrics-only listener")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: CPUs)")
+    p.add_argument("--drain-timeout-s", type=float, default=20.0)
+    p.add_argument("--max-body-bytes", type=int, default=6 * 1024 * 1024)
+    p.add_argument("--idle-timeout-s", type=float, default=60.0)
+    p.add_argument("--request-timeout-s", type=float, default=60.0)
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
+    p.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/rtbserve)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="score the demo model's sample in process; print latency")
     p.add_argument("model", nargs="?")

@@ -1,71 +1,97 @@
-"""The dataplane: readiness, model lookup and batched inference; it knows no transport.
+"""The dataplane: readiness, model lookup, metadata and batched inference; it knows no transport.
 
-Transports decode a payload into rows, ask the dataplane for the model, submit the rows to that
-model's micro-batcher and encode what comes back. Errors are ``RtbError`` subclasses; each
-transport maps their codes to its own statuses.
+Transports decode a payload into rows, ask the dataplane for the model, ``await predict(...)``
+and encode what comes back. Errors are ``RtbError`` subclasses; each transport maps their codes
+to its own statuses. Fail-open lives here, so every transport answers a missed deadline (and,
+when configured, a full queue) with the same default decision and the same flag.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from rtbserve.batching import MicroBatcher
-from rtbserve.errors import ModelNotFound, ModelNotReady, Overloaded
+from rtbserve.config import ModelSettings
+from rtbserve.errors import DeadlineExceeded, ModelNotFound, ModelNotReady, Overloaded
+
+_F32 = np.dtype(np.float32)
 
 
-@dataclass
 class ServedModel:
-    name: str
-    model: Any  # rtbserve.Model
-    batcher: MicroBatcher
+    """One model as this worker serves it: settings, the loaded model and its micro-batcher."""
 
-    @property
-    def n_features(self) -> int:
-        return int(self.model.n_features)
+    __slots__ = ("name", "settings", "model", "batcher", "n_features", "n_outputs", "fail_open")
+
+    def __init__(self, settings: ModelSettings, model: Any, batcher: MicroBatcher) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self.model = model
+        self.batcher = batcher
+        self.n_features = int(model.n_features)
+        self.n_outputs = int(model.n_outputs)
+        self.fail_open = settings.fail_open
+
+    def fail_open_scores(self, n_rows: int) -> np.ndarray:
+        """The configured default decision for ``n_rows`` rows (shape as ``predict`` returns)."""
+        assert self.fail_open is not None
+        shape = (n_rows, self.n_outputs) if self.n_outputs > 1 else (n_rows,)
+        return np.full(shape, self.fail_open.score, dtype=_F32)
+
+    def metadata(self) -> dict[str, Any]:
+        """Open Inference Protocol model metadata: one FP32 input [-1, F], one output."""
+        out_shape = [-1, self.n_outputs] if self.n_outputs > 1 else [-1]
+        out_type = "INT32" if self.settings.output == "label" else "FP32"
+        return {
+            "name": self.name,
+            "versions": ["1"],
+            "platform": f"rtbserve-{self.model.backend}",
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, self.n_features]}],
+            "outputs": [{"name": "output-0", "datatype": out_type, "shape": out_shape}],
+        }
 
 
 class DataPlane:
     """Models served by this worker. Not thread-safe: owned by the worker's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Any = None) -> None:
+        self.metrics = metrics  # rtbserve.metrics.WorkerMetrics, or None (tests, tools)
         self._models: dict[str, ServedModel] = {}
-        self._default: str | None = None
+        self._default: ServedModel | None = None
         self._ready = False
         self.draining = False
 
-    def add(
-        self,
-        name: str,
-        model: Any,
-        *,
-        default: bool = False,
-        max_batch_rows: int = 256,
-        max_batch_delay_us: int = 500,
-        max_queue_rows: int = 65_536,
-    ) -> ServedModel:
-        """Serve ``model`` as ``name``; the first added (or ``default=True``) is the default."""
+    def add(self, settings: ModelSettings, model: Any, *, executor: Any = None) -> ServedModel:
+        """Serve ``model`` under ``settings.name``; the first added (or the one marked default)
+        answers requests that name no model."""
+        output = settings.output
+        predict = model.predict
 
-        def score(rows: np.ndarray) -> np.ndarray:
-            return model.predict(rows)  # releases GIL; rows arrive as float32 C-order
+        if output == "probability":
+            score = predict  # releases GIL; rows arrive as float32 C-order
+        else:
 
+            def score(rows: np.ndarray) -> np.ndarray:
+                return predict(rows, output=output)  # releases GIL
+
+        b = settings.batching
         served = ServedModel(
-            name,
+            settings,
             model,
             MicroBatcher(
                 score,
-                max_batch_rows=max_batch_rows,
-                max_batch_delay_us=max_batch_delay_us,
-                max_queue_rows=max_queue_rows,
+                max_batch_rows=b.max_batch_rows,
+                max_batch_delay_us=b.max_batch_delay_us,
+                max_queue_rows=b.max_queue_rows,
+                executor=executor,
+                metrics=None if self.metrics is None else self.metrics.model(settings.name),
             ),
         )
-        self._models[name] = served
-        if default or self._default is None:
-            self._default = name
+        self._models[settings.name] = served
+        if settings.is_default or self._default is None:
+            self._default = served
         return served
 
     def mark_ready(self) -> None:
@@ -79,27 +105,51 @@ class DataPlane:
     def model_names(self) -> list[str]:
         return sorted(self._models)
 
+    @property
+    def default_name(self) -> str | None:
+        return None if self._default is None else self._default.name
+
     def get(self, name: str | None = None) -> ServedModel:
-        """The named model, or the default one; ``ModelNotFound`` lists what is loaded."""
+        """The named model, or the default one (``None`` or ``""``); ``ModelNotFound`` lists
+        what is loaded."""
         if not self._ready:
             raise ModelNotReady("models are still loading")
-        key = self._default if name is None else name
-        served = self._models.get(key) if key is not None else None
+        served = self._default if not name else self._models.get(name)
         if served is None:
             loaded = ", ".join(self.model_names) or "none"
             raise ModelNotFound(f"unknown model {name!r}; loaded: {loaded}")
         return served
 
+    def is_model_ready(self, name: str) -> bool:
+        return self.is_ready and name in self._models
+
     def check_capacity(self, served: ServedModel, n_rows: int = 1) -> None:
-        """Shed before decoding: raise ``Overloaded`` when the model's queue is full."""
-        if served.batcher.would_shed(n_rows):
+        """Shed before decoding: raise ``Overloaded`` when the model's queue is full (unless the
+        model fails open on overload: then ``predict`` answers the default decision)."""
+        if served.batcher.would_shed(n_rows) and not (
+            served.fail_open is not None and served.fail_open.on_overload
+        ):
             raise Overloaded(
-                f"model {served.name!r} is overloaded: {served.batcher.queue_rows} rows queued"
+                f"model {served.name!r} is overloaded: {served.batcher.queue_rows} rows queued "
+                f"(limit {served.batcher.max_queue_rows}); retry later"
             )
 
-    def infer(
+    async def predict(
         self, served: ServedModel, rows: np.ndarray, deadline_ms: float | None = None
-    ) -> asyncio.Future[Any]:
-        """Submit decoded rows; ``deadline_ms`` is relative to now. Resolves to the scores."""
+    ) -> tuple[np.ndarray, bool]:
+        """Score decoded rows (float32, (n, F)) through the model's micro-batcher.
+
+        deadline_ms: time budget from now, or None. Returns ``(scores, failed_open)``; with
+        fail-open configured, a missed deadline (or a full queue, if ``on_overload``) returns the
+        default decision and ``True`` instead of raising.
+        """
         deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1e3
-        return served.batcher.submit(rows, deadline)
+        try:
+            return await served.batcher.submit(rows, deadline), False
+        except DeadlineExceeded:
+            if served.fail_open is None:
+                raise
+        except Overloaded:
+            if served.fail_open is None or not served.fail_open.on_overload:
+                raise
+        return served.fail_open_scores(rows.shape[0]), True

@@ -74,3 +74,9 @@ class VerificationFailed(ArtifactError):
     """A backend's scores differ from the reference library's beyond tolerance."""
 
     code = "verification_failed"
+
+
+class ConfigError(RtbError):
+    """Server or model settings that cannot be used (bad rtbserve.toml, bad flag)."""
+
+    code = "config_error"

@@ -6,11 +6,12 @@ import pytest
 
 from rtbserve.dataplane import DataPlane
 from rtbserve.errors import NotAcceptable
+from rtbserve.metrics import WorkerMetrics
 from rtbserve.transports.http.inference_app import InferenceApp
 
 
-def test_accept_is_negotiated_and_refusals_repeat():
-    app = InferenceApp(DataPlane())
+def test_accept_is_negotiated_and_refusals_repeat(tmp_path):
+    app = InferenceApp(DataPlane(), WorkerMetrics(tmp_path, 0))
     assert app._accept(None) == "text/csv"
     assert app._accept("application/json, text/csv;q=0.5") == "application/json"
     assert app._accept("application/json, text/csv;q=0.5") == "application/json"  # cached

@@ -51,6 +51,7 @@ class _Pending:
     seq: int
     rows: np.ndarray = field(compare=False)
     future: asyncio.Future[np.ndarray] = field(compare=False)
+    enqueued: float = field(compare=False, default=0.0)  # clock seconds, for the queue metric
 
 
 @dataclass
@@ -71,6 +72,7 @@ class MicroBatcher:
     max_batch_delay_us: while the kernel is busy, how long a flush may wait for more rows.
     max_queue_rows: rows waiting; beyond it ``submit`` raises ``Overloaded``.
     inline_max_rows: batches up to this size run on the event loop.
+    metrics: records queue wait per request, kernel time and rows per call, queue depth.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class MicroBatcher:
         inline_max_rows: int = 512,
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Any = None,  # rtbserve.metrics.ModelMetrics
     ) -> None:
         if max_batch_rows < 1 or max_queue_rows < 1:
             raise ValueError("max_batch_rows and max_queue_rows must be >= 1")
@@ -93,6 +96,7 @@ class MicroBatcher:
         self.inline_max_rows = inline_max_rows
         self._executor = executor
         self._clock = clock
+        self._metrics = metrics
         self._heap: list[_Pending] = []
         self._seq = itertools.count()
         self._queue_rows = 0
@@ -127,7 +131,7 @@ class MicroBatcher:
             raise DeadlineExceeded("deadline already passed on arrival")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        heapq.heappush(self._heap, _Pending(due, next(self._seq), rows, fut))
+        heapq.heappush(self._heap, _Pending(due, next(self._seq), rows, fut, self._clock()))
         self._queue_rows += n
         if not self._flush_scheduled and not self._busy:
             self._flush_scheduled = True
@@ -140,6 +144,7 @@ class MicroBatcher:
         now = self._clock()
         batch: list[_Pending] = []
         rows = 0
+        metrics = self._metrics
         while self._heap:
             head = self._heap[0]
             n = head.rows.shape[0]
@@ -155,6 +160,10 @@ class MicroBatcher:
                 continue
             batch.append(head)
             rows += n
+            if metrics is not None:
+                metrics.observe_queue_s(now - head.enqueued)
+        if metrics is not None:
+            metrics.set_queue_rows(self._queue_rows)
         return batch
 
     def _flush(self) -> None:
@@ -170,11 +179,14 @@ class MicroBatcher:
         self.stats.rows += n
         self.stats.largest_batch_rows = max(self.stats.largest_batch_rows, n)
         if n <= self.inline_max_rows:
+            t0 = time.perf_counter()
             try:
                 scores = self._score(rows)  # releases GIL; microseconds at this size
             except BaseException as exc:
                 _fail(batch, exc)
             else:
+                if self._metrics is not None:
+                    self._metrics.observe_predict_s(time.perf_counter() - t0, n)
                 _answer(batch, scores)
             if self._heap:
                 self._schedule_flush(after_busy=False)
@@ -182,15 +194,18 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         self._busy = True
         self._busy_since = self._clock()
+        t0 = time.perf_counter()
         done = loop.run_in_executor(self._executor, self._score, rows)
-        done.add_done_callback(lambda f: self._on_done(f, batch))
+        done.add_done_callback(lambda f: self._on_done(f, batch, n, t0))
 
-    def _on_done(self, fut: asyncio.Future[Any], batch: list[_Pending]) -> None:
+    def _on_done(self, fut: asyncio.Future[Any], batch: list[_Pending], n: int, t0: float) -> None:
         self._busy = False
         exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
         if exc is not None:
             _fail(batch, exc)
         else:
+            if self._metrics is not None:
+                self._metrics.observe_predict_s(time.perf_counter() - t0, n)
             _answer(batch, fut.result())
         if self._heap:
             self._schedule_flush(after_busy=True)

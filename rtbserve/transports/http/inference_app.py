@@ -1,20 +1,27 @@
 """The HTTP app: routes, codec choice and the one table from error codes to HTTP statuses.
 
-Thin by design: decode with the codecs, call the dataplane, encode. ``/ping`` and ``GET``
-health routes answer synchronously (no task); ``/invocations`` awaits the micro-batcher.
+Routes: SageMaker's ``GET /ping`` and ``POST /invocations`` (the default model); the Open
+Inference Protocol (KServe v2) REST API under ``/v2``; Prometheus ``GET /metrics``. Thin by
+design: decode with the codecs, call the dataplane, encode. Health and metadata routes answer
+synchronously (no task); inference awaits the micro-batcher.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
 
 import orjson
 
+from rtbserve import __version__
 from rtbserve.codecs import ENCODERS, decode_rows, encode_scores
 from rtbserve.codecs.media import negotiate
+from rtbserve.codecs.oip_codec import encode_oip_response, parse_oip_request, server_metadata
 from rtbserve.dataplane import DataPlane
-from rtbserve.errors import InvalidInput, RtbError
+from rtbserve.errors import InvalidInput, ModelNotFound, RtbError
+from rtbserve.metrics import WorkerMetrics, route_index
 from rtbserve.transports.http.protocol import HttpRequest, HttpResponse
 
 log = logging.getLogger("rtbserve.http")
@@ -31,10 +38,15 @@ STATUS_BY_CODE = {
     "deadline_exceeded": 504,
 }
 DEADLINE_HEADER = "x-rtb-deadline-ms"
+FAIL_OPEN_HEADER = "x-rtb-fail-open"
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+OIP_HEADER_LENGTH = "inference-header-content-length"
 _PING_OK = HttpResponse(200)
 _PING_NOT_READY = HttpResponse(503)
 _NO_CONTENT = HttpResponse(204)
+_JSON = "application/json"
+_R_INVOCATIONS = route_index("invocations")
+_R_V2_INFER = route_index("v2_infer")
 
 
 def error_response(exc: RtbError) -> HttpResponse:
@@ -45,17 +57,37 @@ def error_response(exc: RtbError) -> HttpResponse:
     else:
         log.info("%s: %s", exc.code, exc)
         message = str(exc)
-    body = orjson.dumps({"code": status, "type": exc.code, "message": message})
-    return HttpResponse(status, body, "application/json")
+    # "error" is the Open Inference Protocol's field; the others are rtbserve's
+    body = orjson.dumps({"code": status, "type": exc.code, "message": message, "error": message})
+    return HttpResponse(status, body, _JSON)
+
+
+def _not_found(path: str) -> HttpResponse:
+    message = f"no route {path!r}"
+    body = orjson.dumps({"code": 404, "type": "not_found", "message": message, "error": message})
+    return HttpResponse(404, body, _JSON)
 
 
 class InferenceApp:
-    """SageMaker-style ``/ping`` and ``/invocations`` over the dataplane."""
+    """Every HTTP route over one worker's dataplane.
 
-    def __init__(self, dataplane: DataPlane, *, default_accept: str = "text/csv") -> None:
+    metrics: this worker's metrics; ``render_metrics`` renders the whole server's (every
+    worker's) exposition for ``GET /metrics``.
+    """
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        metrics: WorkerMetrics,
+        *,
+        default_accept: str = "text/csv",
+        render_metrics: Callable[[], tuple[bytes, str]] | None = None,
+    ) -> None:
         self.dataplane = dataplane
+        self.metrics = metrics
         self.default_accept = default_accept
         self.supported_accept = tuple(ENCODERS)
+        self._render_metrics = render_metrics
         self._accept_cache: dict[str | None, str] = {}
 
     def _accept(self, header: str | None) -> str:
@@ -74,29 +106,164 @@ class InferenceApp:
                 return _method_not_allowed("POST")
             return self._invocations(request)
         if path == "/ping":
-            return _PING_OK if self.dataplane.is_ready else _PING_NOT_READY
-        body = orjson.dumps({"code": 404, "type": "not_found", "message": f"no route {path!r}"})
-        return HttpResponse(404, body, "application/json")
+            response = _PING_OK if self.dataplane.is_ready else _PING_NOT_READY
+            self.metrics.count_request("ping", "", response.status)
+            return response
+        if path.startswith("/v2"):
+            return self._v2(request, path)
+        if path == "/metrics":
+            return self.metrics_response(request)
+        self.metrics.count_request("other", "", 404)
+        return _not_found(path)
+
+    def metrics_response(self, request: HttpRequest) -> HttpResponse:
+        if request.method not in ("GET", "HEAD"):
+            return _method_not_allowed("GET")
+        self.metrics.count_request("metrics", "", 200)
+        if self._render_metrics is None:
+            return _not_found(request.path)
+        body, content_type = self._render_metrics()
+        return HttpResponse(200, body, content_type)
+
+    # -- SageMaker -------------------------------------------------------------------------
 
     async def _invocations(self, request: HttpRequest) -> HttpResponse:
+        dp = self.dataplane
+        model_metrics = None
         try:
             if not request.body:
+                self.metrics.count_request("invocations", "", 204)
                 return _NO_CONTENT
-            dp = self.dataplane
             served = dp.get(None)
+            model_metrics = self.metrics.model(served.name)
             dp.check_capacity(served)  # shed before decoding
             accept = self._accept(request.headers.get("accept"))
-            content_type = request.headers.get("content-type", "text/csv")
-            rows = decode_rows(request.body, content_type, served.n_features)
-            scores = await dp.infer(served, rows, _deadline_ms(request))
+            t0 = time.perf_counter()
+            rows = decode_rows(
+                request.body, request.headers.get("content-type", "text/csv"), served.n_features
+            )
+            t1 = time.perf_counter()
+            scores, failed_open = await dp.predict(served, rows, _deadline_ms(request))
+            t2 = time.perf_counter()
             body, media_type = encode_scores(scores, accept)
+            model_metrics.observe_decode_s(t1 - t0)
+            model_metrics.observe_encode_s(time.perf_counter() - t2)
         except RtbError as exc:
-            return error_response(exc)
+            return self._failed(exc, "invocations", model_metrics)
+        model_metrics.request(_R_INVOCATIONS, 200)
         response = HttpResponse(200, body, media_type)
         attrs = request.headers.get(CUSTOM_ATTRIBUTES)
         if attrs is not None:
             response.headers.append((CUSTOM_ATTRIBUTES, attrs))
+        if failed_open:
+            model_metrics.count_fail_open()
+            response.headers.append((FAIL_OPEN_HEADER, "1"))
         return response
+
+    def _failed(self, exc: RtbError, route: str, model_metrics) -> HttpResponse:  # noqa: ANN001
+        response = error_response(exc)
+        if model_metrics is None:
+            self.metrics.count_request(route, "", response.status)
+        else:
+            model_metrics.request(route_index(route), response.status)
+            if exc.code == "overloaded":
+                model_metrics.count_shed()
+            elif exc.code == "deadline_exceeded":
+                model_metrics.count_deadline_missed()
+        return response
+
+    # -- Open Inference Protocol -----------------------------------------------------------
+
+    def _v2(self, request: HttpRequest, path: str) -> HttpResponse | Awaitable[HttpResponse]:
+        parts = [unquote(p) for p in path.split("/")[2:]]  # "/v2/a/b" -> ["a", "b"]
+        dp = self.dataplane
+        if parts and parts[-1] == "":
+            parts.pop()  # tolerate a trailing slash
+        if len(parts) >= 2 and parts[0] == "models":
+            name, rest = parts[1], parts[2:]
+            if len(rest) >= 2 and rest[0] == "versions":
+                if rest[1] != "1":
+                    return self._v2_done(
+                        error_response(
+                            ModelNotFound(f"model {name!r} has no version {rest[1]!r}; versions: 1")
+                        )
+                    )
+                rest = rest[2:]
+            if rest == ["infer"]:
+                if request.method != "POST":
+                    return _method_not_allowed("POST")
+                return self._v2_infer(request, name)
+            if request.method not in ("GET", "HEAD"):
+                return _method_not_allowed("GET")
+            if rest == ["ready"]:
+                return self._v2_done(_PING_OK if dp.is_model_ready(name) else _PING_NOT_READY)
+            if not rest:
+                try:
+                    served = dp.get(name)
+                except RtbError as exc:
+                    return self._v2_done(error_response(exc))
+                return self._v2_done(HttpResponse(200, orjson.dumps(served.metadata()), _JSON))
+            return self._v2_done(_not_found(path))
+        if request.method not in ("GET", "HEAD"):
+            return _method_not_allowed("GET")
+        if not parts:
+            return self._v2_done(HttpResponse(200, server_metadata(__version__), _JSON))
+        if parts == ["health", "live"]:
+            return self._v2_done(_PING_OK, "v2_health")
+        if parts == ["health", "ready"]:
+            return self._v2_done(_PING_OK if dp.is_ready else _PING_NOT_READY, "v2_health")
+        return self._v2_done(_not_found(path))
+
+    def _v2_done(self, response: HttpResponse, route: str = "v2_metadata") -> HttpResponse:
+        self.metrics.count_request(route, "", response.status)
+        return response
+
+    async def _v2_infer(self, request: HttpRequest, name: str) -> HttpResponse:
+        dp = self.dataplane
+        model_metrics = None
+        try:
+            served = dp.get(name)
+            model_metrics = self.metrics.model(served.name)
+            dp.check_capacity(served)
+            header_length = _header_length(request)
+            t0 = time.perf_counter()
+            parsed = parse_oip_request(request.body, served.n_features, header_length)
+            t1 = time.perf_counter()
+            scores, failed_open = await dp.predict(served, parsed.rows, _deadline_ms(request))
+            t2 = time.perf_counter()
+            body, json_length = encode_oip_response(
+                served.name, scores, parsed, failed_open=failed_open
+            )
+            model_metrics.observe_decode_s(t1 - t0)
+            model_metrics.observe_encode_s(time.perf_counter() - t2)
+        except RtbError as exc:
+            return self._failed(exc, "v2_infer", model_metrics)
+        model_metrics.request(_R_V2_INFER, 200)
+        if json_length is None:
+            response = HttpResponse(200, body, _JSON)
+        else:
+            response = HttpResponse(
+                200,
+                body,
+                "application/octet-stream",
+                [("Inference-Header-Content-Length", str(json_length))],
+            )
+        if failed_open:
+            model_metrics.count_fail_open()
+            response.headers.append((FAIL_OPEN_HEADER, "1"))
+        return response
+
+
+def _header_length(request: HttpRequest) -> int | None:
+    raw = request.headers.get(OIP_HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(
+            f"Inference-Header-Content-Length must be an integer, got {raw!r}"
+        ) from None
 
 
 def _deadline_ms(request: HttpRequest) -> float | None:
@@ -115,5 +282,8 @@ def _deadline_ms(request: HttpRequest) -> float | None:
 
 
 def _method_not_allowed(allowed: str) -> HttpResponse:
-    body = orjson.dumps({"code": 405, "type": "method_not_allowed", "message": f"use {allowed}"})
-    return HttpResponse(405, body, "application/json", [("allow", allowed)])
+    message = f"use {allowed}"
+    body = orjson.dumps(
+        {"code": 405, "type": "method_not_allowed", "message": message, "error": message}
+    )
+    return HttpResponse(405, body, _JSON, [("allow", allowed)])

@@ -1,0 +1,238 @@
+"""Settings, parsed once: the server's (``ServerSettings``) and each served model's
+(``ModelSettings``), and the discovery of what a ``MODEL_OR_REPO`` path holds.
+
+A path is one of: a model file; a directory holding one model (``REPO/NAME/model.json`` style,
+with side files such as ``features.json`` and ``rtbserve.toml``); or a repository: a directory
+whose sub-directories each hold one model, served under the sub-directory's name. A model's
+``rtbserve.toml`` (beside its file) sets its serving options::
+
+    backend = "auto"            # auto | numba | tl2cgen | xgboost | lightgbm | gtil
+    threshold = 0.5             # label threshold (default: features.json's, else 0.5)
+    output = "probability"      # probability | margin | label
+    default = true              # the model /invocations serves when the repository has several
+
+    [batching]
+    max_batch_rows = 256
+    max_batch_delay_us = 500
+    max_queue_rows = 65536
+
+    [fail_open]                 # answer a default decision instead of 504 / 503
+    score = 1.0                 # the score every row gets when failing open
+    on_overload = true          # also when the queue is full (default: deadline misses only)
+
+Unknown keys are refused, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from rtbserve.errors import ConfigError
+
+OUTPUTS = ("probability", "margin", "label")
+SETTINGS_FILE = "rtbserve.toml"
+_BACKENDS = ("auto", "numba", "tl2cgen", "xgboost", "lightgbm", "gtil")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingSettings:
+    max_batch_rows: int = 256
+    max_batch_delay_us: int = 500
+    max_queue_rows: int = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class FailOpenSettings:
+    score: float
+    on_overload: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    name: str
+    path: Path  # the model file, or the directory holding it
+    backend: str = "auto"
+    threshold: float | None = None
+    output: str = "probability"
+    is_default: bool = False
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    fail_open: FailOpenSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """One serving run. Ports of 0 pick a free port; ``None`` disables that listener."""
+
+    models: tuple[ModelSettings, ...]
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_port: int | None = 9000
+    metrics_port: int | None = None
+    workers: int = 1
+    cache_dir: str | None = None
+    drain_timeout_s: float = 20.0
+    max_body_bytes: int = 6 * 1024 * 1024
+    idle_timeout_s: float = 60.0
+    request_timeout_s: float = 60.0
+
+    @property
+    def default_model(self) -> ModelSettings:
+        return default_model(self.models)
+
+
+def default_model(models: tuple[ModelSettings, ...]) -> ModelSettings:
+    marked = [m for m in models if m.is_default]
+    return marked[0] if marked else models[0]
+
+
+def discover_models(
+    path: str | os.PathLike[str], *, backend: str | None = None
+) -> list[ModelSettings]:
+    """The models ``path`` holds (see the module docstring), each with its ``rtbserve.toml``.
+
+    backend: overrides every model's backend (the CLI's ``--backend``) when not None.
+    """
+    from rtbserve.errors import ArtifactError
+    from rtbserve.predictors.source import find_model_file
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"model path {str(p)!r} does not exist")
+    if p.is_file():
+        found = [_model_settings(p.parent.name or p.stem, p, p.parent)]
+    else:
+        try:
+            find_model_file(p)
+            found = [_model_settings(p.resolve().name, p, p)]
+        except ArtifactError as single_error:
+            subdirs = sorted(
+                d for d in p.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))
+            )
+            found = []
+            for d in subdirs:
+                try:
+                    find_model_file(d)
+                except ArtifactError:
+                    continue  # not a model directory (code/, data, ...)
+                found.append(_model_settings(d.name, d, d))
+            if not found:
+                raise ConfigError(
+                    f"{str(p)!r} is neither a model directory nor a repository of model "
+                    f"directories ({single_error})"
+                ) from None
+    if backend is not None:
+        found = [replace(m, backend=backend) for m in found]
+    defaults = [m.name for m in found if m.is_default]
+    if len(defaults) > 1:
+        raise ConfigError(f"several models are marked default: {', '.join(defaults)}")
+    return found
+
+
+def _model_settings(name: str, path: Path, directory: Path) -> ModelSettings:
+    toml_file = directory / SETTINGS_FILE
+    if not toml_file.is_file():
+        return ModelSettings(name=name, path=path)
+    try:
+        doc = tomllib.loads(toml_file.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{toml_file}: {exc}") from exc
+    where = str(toml_file)
+    _check_keys(where, doc, {"backend", "threshold", "output", "default", "batching", "fail_open"})
+    backend = _get(where, doc, "backend", str, "auto")
+    if backend not in _BACKENDS:
+        raise ConfigError(
+            f"{where}: backend must be one of {', '.join(_BACKENDS)}, got {backend!r}"
+        )
+    output = _get(where, doc, "output", str, "probability")
+    if output not in OUTPUTS:
+        raise ConfigError(f"{where}: output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    threshold = _get(where, doc, "threshold", float, None)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"{where}: threshold must lie in [0, 1], got {threshold}")
+    batching = BatchingSettings()
+    if "batching" in doc:
+        table = _table(where, doc, "batching")
+        names = {f.name for f in fields(BatchingSettings)}
+        _check_keys(f"{where} [batching]", table, names)
+        values = {k: _get(f"{where} [batching]", table, k, int, None) for k in table}
+        for k, v in values.items():
+            if v is None or v < (0 if k == "max_batch_delay_us" else 1):
+                raise ConfigError(f"{where} [batching]: {k} must be a positive integer, got {v}")
+        batching = BatchingSettings(**values)
+    fail_open = None
+    if "fail_open" in doc:
+        table = _table(where, doc, "fail_open")
+        _check_keys(f"{where} [fail_open]", table, {"score", "on_overload"})
+        if "score" not in table:
+            raise ConfigError(f"{where} [fail_open]: score is required (the default decision)")
+        fail_open = FailOpenSettings(
+            score=_get(where, table, "score", float, 0.0),
+            on_overload=_get(where, table, "on_overload", bool, False),
+        )
+    return ModelSettings(
+        name=name,
+        path=path,
+        backend=backend,
+        threshold=threshold,
+        output=output,
+        is_default=_get(where, doc, "default", bool, False),
+        batching=batching,
+        fail_open=fail_open,
+    )
+
+
+def _check_keys(where: str, table: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(allowed))}"
+        )
+
+
+def _table(where: str, doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc[key]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _get(where: str, table: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def settings_to_json(settings: ServerSettings) -> str:
+    """Settings as JSON, for handing to worker processes (``settings_from_json`` reverses it)."""
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(settings), default=str)
+
+
+def settings_from_json(text: str) -> ServerSettings:
+    import json
+
+    doc = json.loads(text)
+    models = []
+    for m in doc.pop("models"):
+        fail_open = m.pop("fail_open")
+        models.append(
+            ModelSettings(
+                **{k: v for k, v in m.items() if k not in ("path", "batching")},
+                path=Path(m["path"]),
+                batching=BatchingSettings(**m["batching"]),
+                fail_open=None if fail_open is None else FailOpenSettings(**fail_open),
+            )
+        )
+    return ServerSettings(models=tuple(models), **doc)
