@@ -15,7 +15,7 @@ import numpy as np
 
 from rtbserve.batching import MicroBatcher
 from rtbserve.config import ModelSettings
-from rtbserve.errors import DeadlineExceeded, ModelNotFound, ModelNotReady, Overloaded
+from rtbserve.errors import DeadlineExceeded, ModelNotFound, ModelNotReady, Overloaded, RtbError
 
 _F32 = np.dtype(np.float32)
 
@@ -133,6 +133,15 @@ class DataPlane:
                 f"model {served.name!r} is overloaded: {served.batcher.queue_rows} rows queued "
                 f"(limit {served.batcher.max_queue_rows}); retry later"
             )
+
+    def fail_open(self, served: ServedModel, n_rows: int, exc: RtbError) -> np.ndarray:
+        """The default decision for ``exc`` when ``served`` fails open for it; else re-raise it."""
+        fo = served.fail_open
+        if fo is not None and (
+            isinstance(exc, DeadlineExceeded) or (fo.on_overload and isinstance(exc, Overloaded))
+        ):
+            return served.fail_open_scores(n_rows)
+        raise exc
 
     async def predict(
         self, served: ServedModel, rows: np.ndarray, deadline_ms: float | None = None

@@ -33,25 +33,55 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from rtbserve.errors import DeadlineExceeded, Overloaded
 
+log = logging.getLogger(__name__)
 
-@dataclass(order=True)
+
 class _Pending:
-    deadline: float  # monotonic seconds; inf when the request has none
-    seq: int
-    rows: np.ndarray = field(compare=False)
-    future: asyncio.Future[np.ndarray] = field(compare=False)
-    enqueued: float = field(compare=False, default=0.0)  # clock seconds, for the queue metric
+    """One queued request. ``future`` (``submit``) or ``callback`` (``submit_callback``) gets
+    the answer; heap entries are ``(deadline, seq, pending)`` tuples."""
+
+    __slots__ = ("rows", "future", "callback", "enqueued")
+
+    def __init__(
+        self,
+        rows: np.ndarray,
+        future: asyncio.Future[Any] | None,
+        callback: Callable[[np.ndarray | None, BaseException | None], None] | None,
+        enqueued: float,
+    ) -> None:
+        self.rows = rows
+        self.future = future
+        self.callback = callback
+        self.enqueued = enqueued  # clock seconds, for the queue metric
+
+    def is_abandoned(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def answer(self, scores: np.ndarray | None, exc: BaseException | None) -> None:
+        if self.callback is not None:
+            try:
+                self.callback(scores, exc)
+            except Exception:  # a transport bug must not stop the rest of the batch
+                log.exception("micro-batcher callback failed")
+            return
+        fut = self.future
+        if fut is not None and not fut.done():
+            if exc is None:
+                fut.set_result(scores)
+            else:
+                fut.set_exception(exc)
 
 
 @dataclass
@@ -97,6 +127,7 @@ class MicroBatcher:
         self._executor = executor
         self._clock = clock
         self._metrics = metrics
+        self._loop: asyncio.AbstractEventLoop | None = None  # bound on the first submit
         self._heap: list[_Pending] = []
         self._seq = itertools.count()
         self._queue_rows = 0
@@ -119,24 +150,51 @@ class MicroBatcher:
         deadline: absolute time on this batcher's clock (``time.monotonic`` by default).
         Raises ``Overloaded`` or ``DeadlineExceeded`` at once, before queueing.
         """
+        loop = self._loop or self._bind_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._push(rows, deadline, fut, None)
+        return fut
+
+    def submit_callback(
+        self,
+        rows: np.ndarray,
+        deadline: float | None,
+        callback: Callable[[np.ndarray | None, BaseException | None], None],
+    ) -> None:
+        """Like ``submit``, but ``callback(scores, None)`` or ``callback(None, exc)`` is called
+        from the flush itself: no future, no extra loop iteration (the transports' fast path).
+        Raises ``Overloaded`` or ``DeadlineExceeded`` at once, before queueing."""
+        if self._loop is None:
+            self._bind_loop()
+        self._push(rows, deadline, None, callback)
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _push(
+        self,
+        rows: np.ndarray,
+        deadline: float | None,
+        fut: asyncio.Future[Any] | None,
+        callback: Callable[[np.ndarray | None, BaseException | None], None] | None,
+    ) -> None:
         n = rows.shape[0]
         if self._queue_rows + n > self.max_queue_rows and self._queue_rows:
             self.stats.shed += 1
             raise Overloaded(
                 f"queue full: {self._queue_rows} rows waiting (limit {self.max_queue_rows})"
             )
+        now = self._clock()
         due = math.inf if deadline is None else deadline
-        if due <= self._clock():
+        if due <= now:
             self.stats.deadline_misses += 1
             raise DeadlineExceeded("deadline already passed on arrival")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        heapq.heappush(self._heap, _Pending(due, next(self._seq), rows, fut, self._clock()))
+        heapq.heappush(self._heap, (due, next(self._seq), _Pending(rows, fut, callback, now)))
         self._queue_rows += n
         if not self._flush_scheduled and not self._busy:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return fut
+            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -144,19 +202,20 @@ class MicroBatcher:
         now = self._clock()
         batch: list[_Pending] = []
         rows = 0
+        heap = self._heap
         metrics = self._metrics
-        while self._heap:
-            head = self._heap[0]
+        while heap:
+            deadline, _, head = heap[0]
             n = head.rows.shape[0]
             if batch and rows + n > self.max_batch_rows:
                 break
-            heapq.heappop(self._heap)
+            heapq.heappop(heap)
             self._queue_rows -= n
-            if head.future.done():  # cancelled: the client went away
+            if head.is_abandoned():  # cancelled: the client went away
                 continue
-            if head.deadline <= now:
+            if deadline <= now:
                 self.stats.deadline_misses += 1
-                head.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                head.answer(None, DeadlineExceeded("deadline passed while queued"))
                 continue
             batch.append(head)
             rows += n
@@ -191,7 +250,7 @@ class MicroBatcher:
             if self._heap:
                 self._schedule_flush(after_busy=False)
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind_loop()
         self._busy = True
         self._busy_since = self._clock()
         t0 = time.perf_counter()
@@ -214,7 +273,7 @@ class MicroBatcher:
         if self._flush_scheduled:
             return
         self._flush_scheduled = True
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind_loop()
         if not after_busy or self._queue_rows >= self.max_batch_rows or self.max_batch_delay_s <= 0:
             loop.call_soon(self._flush)
         else:
@@ -223,15 +282,16 @@ class MicroBatcher:
 
 
 def _answer(batch: list[_Pending], scores: np.ndarray) -> None:
+    if len(batch) == 1:
+        batch[0].answer(scores, None)
+        return
     offset = 0
     for p in batch:
         n = p.rows.shape[0]
-        if not p.future.done():
-            p.future.set_result(scores[offset : offset + n])
+        p.answer(scores[offset : offset + n], None)
         offset += n
 
 
 def _fail(batch: list[_Pending], exc: BaseException) -> None:
     for p in batch:
-        if not p.future.done():
-            p.future.set_exception(exc)
+        p.answer(None, exc)

@@ -36,6 +36,19 @@ def decode_rows(body: bytes, content_type: str, n_features: int) -> np.ndarray:
     Raises ``UnsupportedMediaType`` for a missing/unknown type (listing the supported ones) or
     a charset other than UTF-8/ASCII, and whatever the decoder raises.
     """
+    decoder = _DECODER_BY_HEADER.get(content_type)
+    if decoder is None:
+        decoder = _decoder_for(content_type)
+        if len(_DECODER_BY_HEADER) < 256:  # clients send a few distinct values: parse each once
+            _DECODER_BY_HEADER[content_type] = decoder
+    return decoder(body, n_features)
+
+
+_DECODER_BY_HEADER: dict[str, Callable[[bytes, int], np.ndarray]] = {}
+_ENCODER_BY_TYPE: dict[str, tuple[Callable[[np.ndarray], bytes], str]] = {}
+
+
+def _decoder_for(content_type: str) -> Callable[[bytes, int], np.ndarray]:
     if not content_type or not content_type.strip():
         raise UnsupportedMediaType(f"missing content type; supported: {', '.join(DECODERS)}")
     media, params = parse_media_type(content_type)
@@ -47,7 +60,7 @@ def decode_rows(body: bytes, content_type: str, n_features: int) -> np.ndarray:
     charset = params.get("charset")
     if charset is not None and charset.lower() not in SUPPORTED_CHARSETS:
         raise UnsupportedMediaType(f"unsupported charset {charset!r}; supported: utf-8, ascii")
-    return decoder(body, n_features)
+    return decoder
 
 
 def encode_scores(scores: np.ndarray, media_type: str) -> tuple[bytes, str]:
@@ -56,11 +69,18 @@ def encode_scores(scores: np.ndarray, media_type: str) -> tuple[bytes, str]:
     The content type returned is concrete (no wildcards, no parameters). Raises
     ``NotAcceptable`` listing the supported types when ``media_type`` has no encoder.
     """
-    media, _ = parse_media_type(media_type)
-    encoder = ENCODERS.get(media)
-    if encoder is None:
-        raise NotAcceptable(f"cannot encode scores as {media!r}; supported: {', '.join(ENCODERS)}")
-    return encoder(scores), media
+    found = _ENCODER_BY_TYPE.get(media_type)
+    if found is None:
+        media, _ = parse_media_type(media_type)
+        encoder = ENCODERS.get(media)
+        if encoder is None:
+            raise NotAcceptable(
+                f"cannot encode scores as {media!r}; supported: {', '.join(ENCODERS)}"
+            )
+        found = (encoder, media)
+        if len(_ENCODER_BY_TYPE) < 256:
+            _ENCODER_BY_TYPE[media_type] = found
+    return found[0](scores), found[1]
 
 
 __all__ = [

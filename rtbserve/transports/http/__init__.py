@@ -1,6 +1,7 @@
 """HTTP/1.1 transport: a lean httptools + asyncio server that calls an app object per request."""
 
 from rtbserve.transports.http.protocol import (
+    DeferredResponse,
     HttpApp,
     HttpLimits,
     HttpProtocol,
@@ -12,6 +13,7 @@ from rtbserve.transports.http.protocol import (
 )
 
 __all__ = [
+    "DeferredResponse",
     "HttpApp",
     "HttpLimits",
     "HttpProtocol",

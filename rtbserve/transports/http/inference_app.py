@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from urllib.parse import unquote
 
+import numpy as np
 import orjson
 
 from rtbserve import __version__
 from rtbserve.codecs import ENCODERS, decode_rows, encode_scores
 from rtbserve.codecs.media import negotiate
 from rtbserve.codecs.oip_codec import encode_oip_response, parse_oip_request, server_metadata
-from rtbserve.dataplane import DataPlane
+from rtbserve.dataplane import DataPlane, ServedModel
 from rtbserve.errors import InvalidInput, ModelNotFound, RtbError
-from rtbserve.metrics import WorkerMetrics, route_index
-from rtbserve.transports.http.protocol import HttpRequest, HttpResponse
+from rtbserve.metrics import ModelMetrics, WorkerMetrics, route_index
+from rtbserve.transports.http.protocol import DeferredResponse, HttpRequest, HttpResponse
 
 log = logging.getLogger("rtbserve.http")
 
@@ -99,7 +100,7 @@ class InferenceApp:
                 self._accept_cache[header] = chosen
         return chosen
 
-    def handle(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+    def handle(self, request: HttpRequest) -> HttpResponse | DeferredResponse:
         path = request.path
         if path == "/invocations":
             if request.method != "POST":
@@ -125,14 +126,86 @@ class InferenceApp:
         body, content_type = self._render_metrics()
         return HttpResponse(200, body, content_type)
 
+    # -- inference, shared by both protocols ------------------------------------------------
+
+    def _submit(
+        self,
+        request: HttpRequest,
+        served: ServedModel,
+        model_metrics: ModelMetrics,
+        rows: np.ndarray,
+        route: int,
+        finish: Callable[[np.ndarray, bool], HttpResponse],
+    ) -> HttpResponse | DeferredResponse:
+        """Queue ``rows`` on the model's micro-batcher; ``finish(scores, failed_open)`` builds the
+        response when they are scored (from the batcher's flush: no Task, no future)."""
+        try:
+            deadline_ms = _deadline_ms(request)
+        except RtbError as exc:
+            return self._failed(exc, route, model_metrics)
+        deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1e3
+        deferred = DeferredResponse()
+
+        def on_scored(scores: np.ndarray | None, exc: BaseException | None) -> None:
+            deferred.resolve(self._scored(served, model_metrics, rows, route, finish, scores, exc))
+
+        try:
+            served.batcher.submit_callback(rows, deadline, on_scored)
+        except RtbError as exc:  # shed or already late: answered at once
+            return self._scored(served, model_metrics, rows, route, finish, None, exc)
+        return deferred
+
+    def _scored(
+        self,
+        served: ServedModel,
+        model_metrics: ModelMetrics,
+        rows: np.ndarray,
+        route: int,
+        finish: Callable[[np.ndarray, bool], HttpResponse],
+        scores: np.ndarray | None,
+        exc: BaseException | None,
+    ) -> HttpResponse:
+        failed_open = False
+        try:
+            if exc is not None:
+                if not isinstance(exc, RtbError):
+                    log.error("scoring failed for model %r", served.name, exc_info=exc)
+                    raise RtbError("internal error") from exc
+                scores = self.dataplane.fail_open(served, rows.shape[0], exc)
+                failed_open = True
+                model_metrics.count_fail_open()
+            t0 = time.perf_counter()
+            response = finish(scores, failed_open)  # type: ignore[arg-type]
+            model_metrics.observe_encode_s(time.perf_counter() - t0)
+        except RtbError as error:
+            return self._failed(error, route, model_metrics)
+        model_metrics.request(route, 200)
+        if failed_open:
+            response.headers.append((FAIL_OPEN_HEADER, "1"))
+        return response
+
+    def _failed(
+        self, exc: RtbError, route: int, model_metrics: ModelMetrics | None
+    ) -> HttpResponse:
+        response = error_response(exc)
+        if model_metrics is None:
+            self.metrics.count_request(route, "", response.status)
+        else:
+            model_metrics.request(route, response.status)
+            if exc.code == "overloaded":
+                model_metrics.count_shed()
+            elif exc.code == "deadline_exceeded":
+                model_metrics.count_deadline_missed()
+        return response
+
     # -- SageMaker -------------------------------------------------------------------------
 
-    async def _invocations(self, request: HttpRequest) -> HttpResponse:
+    def _invocations(self, request: HttpRequest) -> HttpResponse | DeferredResponse:
         dp = self.dataplane
         model_metrics = None
         try:
             if not request.body:
-                self.metrics.count_request("invocations", "", 204)
+                self.metrics.count_request(_R_INVOCATIONS, "", 204)
                 return _NO_CONTENT
             served = dp.get(None)
             model_metrics = self.metrics.model(served.name)
@@ -142,39 +215,23 @@ class InferenceApp:
             rows = decode_rows(
                 request.body, request.headers.get("content-type", "text/csv"), served.n_features
             )
-            t1 = time.perf_counter()
-            scores, failed_open = await dp.predict(served, rows, _deadline_ms(request))
-            t2 = time.perf_counter()
-            body, media_type = encode_scores(scores, accept)
-            model_metrics.observe_decode_s(t1 - t0)
-            model_metrics.observe_encode_s(time.perf_counter() - t2)
+            model_metrics.observe_decode_s(time.perf_counter() - t0)
         except RtbError as exc:
-            return self._failed(exc, "invocations", model_metrics)
-        model_metrics.request(_R_INVOCATIONS, 200)
-        response = HttpResponse(200, body, media_type)
+            return self._failed(exc, _R_INVOCATIONS, model_metrics)
         attrs = request.headers.get(CUSTOM_ATTRIBUTES)
-        if attrs is not None:
-            response.headers.append((CUSTOM_ATTRIBUTES, attrs))
-        if failed_open:
-            model_metrics.count_fail_open()
-            response.headers.append((FAIL_OPEN_HEADER, "1"))
-        return response
 
-    def _failed(self, exc: RtbError, route: str, model_metrics) -> HttpResponse:  # noqa: ANN001
-        response = error_response(exc)
-        if model_metrics is None:
-            self.metrics.count_request(route, "", response.status)
-        else:
-            model_metrics.request(route_index(route), response.status)
-            if exc.code == "overloaded":
-                model_metrics.count_shed()
-            elif exc.code == "deadline_exceeded":
-                model_metrics.count_deadline_missed()
-        return response
+        def finish(scores: np.ndarray, failed_open: bool) -> HttpResponse:
+            body, media_type = encode_scores(scores, accept)
+            response = HttpResponse(200, body, media_type)
+            if attrs is not None:
+                response.headers.append((CUSTOM_ATTRIBUTES, attrs))
+            return response
+
+        return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish)
 
     # -- Open Inference Protocol -----------------------------------------------------------
 
-    def _v2(self, request: HttpRequest, path: str) -> HttpResponse | Awaitable[HttpResponse]:
+    def _v2(self, request: HttpRequest, path: str) -> HttpResponse | DeferredResponse:
         parts = [unquote(p) for p in path.split("/")[2:]]  # "/v2/a/b" -> ["a", "b"]
         dp = self.dataplane
         if parts and parts[-1] == "":
@@ -218,7 +275,7 @@ class InferenceApp:
         self.metrics.count_request(route, "", response.status)
         return response
 
-    async def _v2_infer(self, request: HttpRequest, name: str) -> HttpResponse:
+    def _v2_infer(self, request: HttpRequest, name: str) -> HttpResponse | DeferredResponse:
         dp = self.dataplane
         model_metrics = None
         try:
@@ -228,30 +285,20 @@ class InferenceApp:
             header_length = _header_length(request)
             t0 = time.perf_counter()
             parsed = parse_oip_request(request.body, served.n_features, header_length)
-            t1 = time.perf_counter()
-            scores, failed_open = await dp.predict(served, parsed.rows, _deadline_ms(request))
-            t2 = time.perf_counter()
+            model_metrics.observe_decode_s(time.perf_counter() - t0)
+        except RtbError as exc:
+            return self._failed(exc, _R_V2_INFER, model_metrics)
+
+        def finish(scores: np.ndarray, failed_open: bool) -> HttpResponse:
             body, json_length = encode_oip_response(
                 served.name, scores, parsed, failed_open=failed_open
             )
-            model_metrics.observe_decode_s(t1 - t0)
-            model_metrics.observe_encode_s(time.perf_counter() - t2)
-        except RtbError as exc:
-            return self._failed(exc, "v2_infer", model_metrics)
-        model_metrics.request(_R_V2_INFER, 200)
-        if json_length is None:
-            response = HttpResponse(200, body, _JSON)
-        else:
-            response = HttpResponse(
-                200,
-                body,
-                "application/octet-stream",
-                [("Inference-Header-Content-Length", str(json_length))],
-            )
-        if failed_open:
-            model_metrics.count_fail_open()
-            response.headers.append((FAIL_OPEN_HEADER, "1"))
-        return response
+            if json_length is None:
+                return HttpResponse(200, body, _JSON)
+            headers = [("Inference-Header-Content-Length", str(json_length))]
+            return HttpResponse(200, body, "application/octet-stream", headers)
+
+        return self._submit(request, served, model_metrics, parsed.rows, _R_V2_INFER, finish)
 
 
 def _header_length(request: HttpRequest) -> int | None:

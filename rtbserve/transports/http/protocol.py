@@ -4,9 +4,10 @@ One ``HttpProtocol`` per connection. Bytes go to an ``httptools.HttpRequestParse
 assemble an ``HttpRequest``; on message completion the app's ``handle`` is called right there,
 inside ``data_received``. A handler that returns an ``HttpResponse`` is the fast path: when no
 earlier response is pending its bytes are written at once, with no Task, no timer and no queue.
-A handler that returns an awaitable gets a Task, and its slot joins the connection's response
-queue; later responses (sync or async) wait in that queue so pipelined requests are answered in
-order. The queue is flushed from the front whenever a slot becomes ready.
+A handler that returns a ``DeferredResponse`` gets a slot in the connection's response queue and
+fills it when it resolves (no Task); one that returns an awaitable gets a Task and a slot. Later
+responses (sync or deferred) wait in that queue so pipelined requests are answered in order.
+The queue is flushed from the front whenever a slot becomes ready.
 
 Timeline of one connection::
 
@@ -64,6 +65,27 @@ class HttpResponse:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
+class DeferredResponse:
+    """A response the app completes later with ``resolve(response)``, on the loop thread (for
+    example from a micro-batcher callback). Unlike an awaitable it needs no Task and no extra
+    loop iteration: resolving writes the response (in order) right away. Resolving after the
+    connection is gone is a no-op."""
+
+    __slots__ = ("_on_resolve", "_early")
+
+    def __init__(self) -> None:
+        self._on_resolve: Any = None
+        self._early: HttpResponse | None = None
+
+    def resolve(self, response: HttpResponse) -> None:
+        callback = self._on_resolve
+        if callback is None:
+            self._early = response  # resolved before the transport attached
+        else:
+            self._on_resolve = None
+            callback(response)
+
+
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
     """Per-connection limits. ``request_timeout_s`` runs from a request's first byte to its
@@ -78,7 +100,9 @@ class HttpLimits:
 
 
 class HttpApp(Protocol):
-    def handle(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]: ...
+    def handle(
+        self, request: HttpRequest
+    ) -> HttpResponse | DeferredResponse | Awaitable[HttpResponse]: ...
 
 
 _INTERNAL_ERROR = HttpResponse(
@@ -328,6 +352,14 @@ class HttpProtocol(asyncio.Protocol):
                 self._write(data, close)  # the fast path: no task, no queue
                 return
             self._queue.append(_Slot(data, close))
+        elif type(result) is DeferredResponse:
+            slot = _Slot(None, close)
+            self._queue.append(slot)
+            early = result._early
+            if early is not None:
+                self._on_deferred_done(slot, request, early)
+                return
+            result._on_resolve = functools.partial(self._on_deferred_done, slot, request)
         else:
             slot = _Slot(None, close)
             slot.task = task = asyncio.ensure_future(result, loop=self._loop)
@@ -370,6 +402,12 @@ class HttpProtocol(asyncio.Protocol):
                 response = _INTERNAL_ERROR
         slot.data = self._encode(response, request, slot.close)
         slot.task = None
+        self._flush()
+
+    def _on_deferred_done(self, slot: _Slot, request: HttpRequest, response: HttpResponse) -> None:
+        if self._is_lost or slot.data is not None:
+            return
+        slot.data = self._encode(response, request, slot.close)
         self._flush()
 
     def _flush(self) -> None:
