@@ -23,16 +23,31 @@ _F32 = np.dtype(np.float32)
 class ServedModel:
     """One model as this worker serves it: settings, the loaded model and its micro-batcher."""
 
-    __slots__ = ("name", "settings", "model", "batcher", "n_features", "n_outputs", "fail_open")
+    __slots__ = (
+        "name",
+        "settings",
+        "model",
+        "batcher",
+        "n_features",
+        "n_outputs",
+        "fail_open",
+        "metrics",
+        "out_datatype",
+    )
 
-    def __init__(self, settings: ModelSettings, model: Any, batcher: MicroBatcher) -> None:
+    def __init__(
+        self, settings: ModelSettings, model: Any, batcher: MicroBatcher, metrics: Any = None
+    ) -> None:
         self.name = settings.name
+        self.metrics = metrics  # rtbserve.metrics.ModelMetrics, or None
         self.settings = settings
         self.model = model
         self.batcher = batcher
         self.n_features = int(model.n_features)
         self.n_outputs = int(model.n_outputs)
         self.fail_open = settings.fail_open
+        # the Open Inference Protocol datatype of the output, whatever answers (model or default)
+        self.out_datatype = "INT32" if settings.output == "label" else "FP32"
 
     def fail_open_scores(self, n_rows: int) -> np.ndarray:
         """The configured default decision for ``n_rows`` rows (shape as ``predict`` returns)."""
@@ -43,13 +58,12 @@ class ServedModel:
     def metadata(self) -> dict[str, Any]:
         """Open Inference Protocol model metadata: one FP32 input [-1, F], one output."""
         out_shape = [-1, self.n_outputs] if self.n_outputs > 1 else [-1]
-        out_type = "INT32" if self.settings.output == "label" else "FP32"
         return {
             "name": self.name,
             "versions": ["1"],
             "platform": f"rtbserve-{self.model.backend}",
             "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, self.n_features]}],
-            "outputs": [{"name": "output-0", "datatype": out_type, "shape": out_shape}],
+            "outputs": [{"name": "output-0", "datatype": self.out_datatype, "shape": out_shape}],
         }
 
 
@@ -77,6 +91,7 @@ class DataPlane:
                 return predict(rows, output=output)  # releases GIL
 
         b = settings.batching
+        metrics = None if self.metrics is None else self.metrics.model(settings.name)
         served = ServedModel(
             settings,
             model,
@@ -86,8 +101,9 @@ class DataPlane:
                 max_batch_delay_us=b.max_batch_delay_us,
                 max_queue_rows=b.max_queue_rows,
                 executor=executor,
-                metrics=None if self.metrics is None else self.metrics.model(settings.name),
+                metrics=metrics,
             ),
+            metrics,
         )
         self._models[settings.name] = served
         if settings.is_default or self._default is None:

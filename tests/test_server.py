@@ -41,7 +41,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(cache: Path) -> ServerProcess:
-    with ServerProcess(workers=2, metrics_port=True, cache_dir=cache, grpc=False) as s:
+    with ServerProcess(workers=2, metrics_port=True, cache_dir=cache) as s:
         yield s
 
 
@@ -184,6 +184,80 @@ def test_metrics_aggregate_every_worker(server: ServerProcess) -> None:
     assert after[stage] >= n
     assert ("rtbserve_batch_rows_count", (("model", "rtb-filter"),)) in after
     assert ("rtbserve_queue_rows", (("model", "rtb-filter"),)) in after
+
+
+def test_thousands_of_concurrent_requests_across_both_transports_get_their_own_answers(
+    server: ServerProcess,
+) -> None:
+    """HTTP (CSV and OIP), gRPC unary and gRPC streams at once: every answer is its own."""
+    import asyncio
+
+    import uvloop
+
+    from rtbserve.client import AsyncGrpcClient, AsyncHttpClient
+
+    rng = np.random.default_rng(7)
+    n_each = 600
+    picks = {
+        kind: rng.integers(0, len(SAMPLE), n_each) for kind in ("csv", "oip", "unary", "stream")
+    }
+
+    async def main() -> dict[str, list[tuple[int, np.ndarray]]]:
+        got: dict[str, list[tuple[int, np.ndarray]]] = {k: [] for k in picks}
+        async with (
+            AsyncHttpClient(server.http_url, pool_size=32, timeout_s=60) as http,
+            AsyncGrpcClient(server.grpc_target, timeout_s=60) as grpc_client,
+        ):
+            streams = [grpc_client.stream() for _ in range(4)]
+
+            async def one(kind: str, j: int, i: int) -> None:
+                rows = SAMPLE[i : i + 1 + j % 3]  # 1-3 rows per request
+                if kind == "csv":
+                    scores = await http.predict(rows)
+                elif kind == "oip":
+                    scores = await http.predict(rows, model="rtb-filter")
+                elif kind == "unary":
+                    scores = await grpc_client.predict(rows, request_id=f"u{j}")
+                else:
+                    scores = await streams[j % 4].predict(rows, request_id=f"s{j}")
+                got[kind].append((i, j, scores))
+
+            await asyncio.gather(
+                *(one(kind, j, int(i)) for kind, idx in picks.items() for j, i in enumerate(idx))
+            )
+            for st in streams:
+                await st.close()
+        return got
+
+    got = uvloop.run(main())
+    for kind, answers in got.items():
+        assert len(answers) == n_each, kind
+        for i, j, scores in answers:
+            want = WANT[i : i + 1 + j % 3]
+            np.testing.assert_allclose(scores, want, atol=1e-6, err_msg=f"{kind} request {j}")
+
+
+def test_grpc_health_reflection_and_tritonclient(server: ServerProcess) -> None:
+    import grpc
+    import tritonclient.grpc as grpcclient
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "rtb-filter"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    client = grpcclient.InferenceServerClient(server.grpc_target)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("rtb-filter")
+        inp = grpcclient.InferInput("input-0", [9, 67], "FP32")
+        inp.set_data_from_numpy(SAMPLE[:9])
+        result = client.infer("rtb-filter", [inp], request_id="t-1")
+        np.testing.assert_allclose(result.as_numpy("output-0"), WANT[:9], atol=1e-6)
+        assert result.get_response().id == "t-1"
+    finally:
+        client.close()
 
 
 # -- repositories and per-model settings -------------------------------------------------------

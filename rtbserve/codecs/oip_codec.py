@@ -181,9 +181,12 @@ def encode_oip_response(
     request: OipRequest,
     *,
     failed_open: bool = False,
+    out_dtype: str = "FP32",
 ) -> tuple[bytes, int | None]:
-    """The infer response; returns (body, json_header_length or None when all JSON)."""
-    out_dtype = "INT32" if scores.dtype.kind in "iu" else "FP32"
+    """The infer response; returns (body, json_header_length or None when all JSON).
+
+    out_dtype: the model's declared output datatype (``INT32`` for labels), kept even when a
+    fail-open default decision is answered."""
     np_type = DATATYPES[out_dtype]
     values = np.ascontiguousarray(scores, dtype=np_type)
     output: dict[str, Any] = {

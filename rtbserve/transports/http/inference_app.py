@@ -208,7 +208,7 @@ class InferenceApp:
                 self.metrics.count_request(_R_INVOCATIONS, "", 204)
                 return _NO_CONTENT
             served = dp.get(None)
-            model_metrics = self.metrics.model(served.name)
+            model_metrics = served.metrics or self.metrics.model(served.name)
             dp.check_capacity(served)  # shed before decoding
             accept = self._accept(request.headers.get("accept"))
             t0 = time.perf_counter()
@@ -277,10 +277,12 @@ class InferenceApp:
 
     def _v2_infer(self, request: HttpRequest, name: str) -> HttpResponse | DeferredResponse:
         dp = self.dataplane
+        out_dtype = "FP32"
         model_metrics = None
         try:
             served = dp.get(name)
-            model_metrics = self.metrics.model(served.name)
+            model_metrics = served.metrics or self.metrics.model(served.name)
+            out_dtype = served.out_datatype
             dp.check_capacity(served)
             header_length = _header_length(request)
             t0 = time.perf_counter()
@@ -291,7 +293,7 @@ class InferenceApp:
 
         def finish(scores: np.ndarray, failed_open: bool) -> HttpResponse:
             body, json_length = encode_oip_response(
-                served.name, scores, parsed, failed_open=failed_open
+                served.name, scores, parsed, failed_open=failed_open, out_dtype=out_dtype
             )
             if json_length is None:
                 return HttpResponse(200, body, _JSON)

@@ -461,6 +461,12 @@ class HttpProtocol(asyncio.Protocol):
         )
 
     def _update_reading(self) -> None:
+        if (
+            not self._is_reading_paused
+            and not self._is_writing_paused
+            and len(self._queue) < self._limits.max_pipelined
+        ):
+            return  # the common case: reading and should keep reading
         transport = self._transport
         if transport is None or transport.is_closing():
             return
