@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: serve test lint format bench clean
+.PHONY: serve test lint format bench bench-serving proto clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rtbserve needs Python >= 3.11 (set PYTHON=...)")'
@@ -30,6 +30,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.core $(BENCH_ARGS)
+
+bench-serving: $(STAMP)
+	$(BIN)/python -m bench.serving $(BENCH_ARGS)
+
+proto: $(STAMP)
+	$(BIN)/python -m rtbserve.transports.grpc.codegen
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

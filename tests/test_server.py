@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import xgboost as xgb
 from prometheus_client.parser import text_string_to_metric_families
@@ -402,3 +403,51 @@ def test_sigterm_drains_an_in_flight_request(cache: Path) -> None:
     np.testing.assert_allclose(scores_of(payload.decode()), WANT, atol=1e-6)
     assert s.stop() == 0
     assert s.lines[-1] == "stopped"
+
+
+def test_a_full_queue_sheds_with_503_before_decoding_or_fails_open(
+    tmp_path: Path, cache: Path
+) -> None:
+    """Pipelined requests parsed in one read queue together: past max_queue_rows they are shed
+    at once (503), or answered with the default decision by a model that fails open on overload.
+    """
+    repo = make_repo(
+        tmp_path / "repo",
+        {
+            "strict": "default = true\n[batching]\nmax_queue_rows = 1\n",
+            "lenient": "[batching]\nmax_queue_rows = 1\n"
+            "[fail_open]\nscore = 1.0\non_overload = true\n",
+        },
+    )
+    body = csv_of(SAMPLE[:1])
+    oip = orjson.dumps(oip_body(SAMPLE[:1]))
+
+    def pipelined(path: str, payload: bytes, n: int) -> list[bytes]:
+        wire = b"".join(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+            for _ in range(n)
+        )
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(wire)
+            got = b""
+            while got.count(b"HTTP/1.1 ") < n or not got.endswith((b"\n", b"}")):
+                chunk = sock.recv(65536)
+                assert chunk, got
+                got += chunk
+        return [b"HTTP/1.1 " + part for part in got.split(b"HTTP/1.1 ")[1:]]
+
+    with ServerProcess(repo, workers=1, cache_dir=cache, grpc=False) as s:
+        host, port = s.http_url.removeprefix("http://").split(":")
+        answers = pipelined("/invocations", body, 6)
+        assert answers[0].startswith(b"HTTP/1.1 200")
+        shed = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert shed and all(b"overloaded" in a for a in shed)
+        assert all(a.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")) for a in answers)
+        lenient = pipelined("/v2/models/lenient/infer", oip, 6)
+        assert all(a.startswith(b"HTTP/1.1 200") for a in lenient)
+        failed_open = [a for a in lenient if b"x-rtb-fail-open: 1" in a.lower()]
+        assert failed_open and all(b'"data":[1.0]' in a for a in failed_open)
+        metrics = metric_samples(httpx.get(s.http_url + "/metrics").text)
+        assert metrics[("rtbserve_shed_total", (("model", "strict"),))] == len(shed)
+        assert metrics[("rtbserve_fail_open_total", (("model", "lenient"),))] == len(failed_open)
