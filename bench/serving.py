@@ -3,13 +3,18 @@
 Usage::
 
     python -m bench.serving [--quick] [--repeats N] [--workers N] [--ref-procs N]
+                            [--client auto|h2load|python] [--h2load-threads N]
                             [--client-procs N] [--json PATH]
 
 One run starts three servers as subprocesses (waiting for their readiness lines, never
 sleeping): ``rtbserve serve`` on the bundled demo model, the trivial uvloop + httptools HTTP
-server and the trivial grpc.aio server (``bench.ref_servers``). It loads them with
-``bench.loadgen``, stops them, and prints every figure as a ratio against the reference measured
-in the same run, interleaved (the order alternates between repeats):
+server and the trivial grpc.aio server (``bench.ref_servers``). It loads them, stops them, and
+prints every figure as a ratio against the reference measured in the same run, interleaved (the
+order alternates between repeats). The closed-loop rows (a, c, d) use h2load (``bench.h2load``)
+when it is installed: for gRPC, the Python generator's own CPU per message is as large as the
+servers', so on 2 shared cores those rows would measure the client. Without h2load
+(``apt-get install nghttp2-client``) they fall back to ``bench.loadgen`` and say so. Row b is
+always the Python open-loop generator (h2load has no open-loop latency).
 
     a. HTTP ``/invocations``, one demo CSV row, closed loop at 64 connections: rtbserve req/s over
        the trivial HTTP server's (bar >= 0.50), and each server's CPU per request (rtbserve's
@@ -17,7 +22,8 @@ in the same run, interleaved (the order alternates between repeats):
     b. Open loop (Poisson) at half of rtbserve's max rate from (a): p50/p99 (bar p99 <= 2 ms); the
        trivial server at the same rate shows the floor of this client on this machine.
     c. gRPC unary ``Predict``: rtbserve over the trivial grpc.aio server (bar >= 0.75).
-    d. gRPC ``PredictStream`` messages/s over rtbserve's unary calls/s (bar >= 3x).
+    d. gRPC ``PredictStream`` messages/s over rtbserve's unary calls/s (bar >= 3x). With h2load,
+       each stream carries 64 messages and half-closes; the server answers all 64, then ends it.
     e. In process, no server: the median of ``await batcher.submit(row)`` through rtbserve's
        MicroBatcher minus ``model.predict(row)`` called directly, on a uvloop loop (bar <= 50 us).
 
@@ -45,9 +51,28 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench.h2load import (
+    INSTALL_HINT,
+    H2Run,
+    check_grpc_answers,
+    check_http_answer,
+    grpc_run,
+    grpc_stream_body,
+    grpc_unary_body,
+    h2load_path,
+    h2load_version,
+    http_run,
+    run_h2load,
+)
 from bench.loadgen import LoadSpec, demo_grpc_target, demo_http_target, run_load
 from bench.loadgen.stats import fmt_ms, fmt_rate
-from bench.loadgen.targets import REPO, csv_row_to_floats, demo_csv_row
+from bench.loadgen.targets import (
+    PREDICT_METHOD,
+    REPO,
+    STREAM_METHOD,
+    csv_row_to_floats,
+    demo_csv_row,
+)
 from bench.ref_servers import ServerProcess, start_ref_server
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -68,14 +93,26 @@ PING_CONNECTIONS = 8  # fresh connections that must all see 200 (SO_REUSEPORT sp
 
 @dataclass(frozen=True)
 class Config:
+    """One run's settings. ``client`` is who drives rows a, c, d: ``h2load`` or ``python``."""
+
     quick: bool
     repeats: int
     warmup_s: float
     duration_s: float
     workers: int
     ref_procs: int
-    client_procs: int
+    client_procs: int  # Python load generator processes (row b; a, c, d without h2load)
+    client: str = "h2load"
     http_connections: int = 64
+    # h2load threads: at ~10 us per HTTP request one thread could drive ~100k req/s, more than
+    # either server reaches on what is left of the 2 cores; a second one made no difference
+    # beyond the noise, and costs more wake-ups per request
+    h2load_threads: int = 1
+    h2_grpc_connections: int = 8  # x h2_grpc_streams concurrent unary calls
+    h2_grpc_streams: int = 8
+    h2_stream_connections: int = 8  # one PredictStream at a time on each
+    stream_messages: int = 64  # per PredictStream, sent at once, then half-close
+    # Python load generator (no h2load)
     grpc_inflight: int = 64  # concurrent unary calls
     grpc_channels: int = 2  # per client process
     streams: int = 8
@@ -83,7 +120,7 @@ class Config:
     batcher_calls: int = 20_000
 
     @classmethod
-    def make(cls, args: argparse.Namespace) -> Config:
+    def make(cls, args: argparse.Namespace, client: str) -> Config:
         quick = bool(args.quick)
         return cls(
             quick=quick,
@@ -93,8 +130,14 @@ class Config:
             workers=args.workers,
             ref_procs=args.ref_procs,
             client_procs=args.client_procs,
+            client=client,
+            h2load_threads=args.h2load_threads,
             batcher_calls=5_000 if quick else 20_000,
         )
+
+    @property
+    def uses_h2load(self) -> bool:
+        return self.client == "h2load"
 
 
 # --------------------------------------------------------------------------- servers
@@ -198,6 +241,7 @@ def _slim(res: dict[str, Any]) -> dict[str, Any]:
 def _run(
     label: str, target: Any, spec: LoadSpec, pid: int, log: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    """One ``bench.loadgen`` run; a failure is logged as ``{"error": ...}``, not raised."""
     print(f"    {label:<34s}", end="", flush=True)
     try:
         res = run_load(target, spec, server_pid=pid)
@@ -205,12 +249,14 @@ def _run(
         print(f"FAILED: {exc}", flush=True)
         res = {"error": f"{type(exc).__name__}: {exc}"}
     else:
+        res["client"] = "python"
         lat = res["latency_ms"]
+        unit = "msg" if target.kind == "grpc-stream" else "req"
         print(
-            f"{fmt_rate(res['achieved_rate']):>7} req/s  p50 {fmt_ms(lat['p50'])} "
+            f"{fmt_rate(res['achieved_rate']):>7} {unit}/s  p50 {fmt_ms(lat['p50'])} "
             f"p99 {fmt_ms(lat['p99'])} ms  errors {res['errors_total']}  "
-            f"server {res['server_cpu_us_per_request']:.0f} us/req  "
-            f"client {res['client_cpu_us_per_request']:.0f} us/req"
+            f"server {res['server_cpu_us_per_request']:.0f} us/{unit}  "
+            f"python client {res['client_cpu_us_per_request']:.0f} us/{unit}"
             + (
                 f" (lag p99 {fmt_ms(res['dispatch_lag_ms']['p99'])} ms)"
                 if res["mode"] == "rate"
@@ -220,6 +266,69 @@ def _run(
             flush=True,
         )
     res = _slim(res)
+    res["label"] = label
+    log.append(res)
+    return res
+
+
+def h2_http(cfg: Config, port: int) -> tuple[H2Run, dict[str, Any]]:
+    """Row a for h2load, after one checked request (200 and a CSV score)."""
+    target = demo_http_target(port)
+    check = check_http_answer(target)
+    run = http_run(
+        target, connections=cfg.http_connections, threads=cfg.h2load_threads,
+        duration_s=cfg.duration_s, warmup_s=cfg.warmup_s,
+    )  # fmt: skip
+    return run, check
+
+
+def h2_grpc(cfg: Config, port: int, *, stream: bool) -> tuple[H2Run, dict[str, Any]]:
+    """Rows c (unary) and d (``stream``) for h2load, after a Python grpc client sent the same
+    messages once and checked status OK and every request_id (h2load reads no grpc-status)."""
+    target = demo_grpc_target(port, stream=stream)
+    if stream:
+        body = grpc_stream_body(target, cfg.stream_messages)
+        method, messages = STREAM_METHOD, cfg.stream_messages
+        connections, streams = cfg.h2_stream_connections, 1
+    else:
+        body = grpc_unary_body(target)
+        method, messages = PREDICT_METHOD, 1
+        connections, streams = cfg.h2_grpc_connections, cfg.h2_grpc_streams
+    check = check_grpc_answers(target.host, port, method, body)
+    run = grpc_run(
+        target, body, messages=messages, connections=connections, streams=streams,
+        threads=cfg.h2load_threads, duration_s=cfg.duration_s, warmup_s=cfg.warmup_s,
+        answer_bytes=check["answer_bytes"],
+    )  # fmt: skip
+    return run, check
+
+
+def _run_h2(
+    label: str,
+    prepare: Callable[[], tuple[H2Run, dict[str, Any]]],
+    pid: int,
+    log: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One h2load run (``prepare`` checks an answer, then builds it); failures are logged."""
+    print(f"    {label:<34s}", end="", flush=True)
+    try:
+        run, check = prepare()
+        res = run_h2load(run, server_pid=pid)
+    except Exception as exc:  # keep the run going: report what failed
+        print(f"FAILED: {exc}", flush=True)
+        res = {"error": f"{type(exc).__name__}: {exc}"}
+    else:
+        res["answer_check"] = check
+        unit = "msg" if run.messages > 1 else "req"
+        lat = res["latency_ms"]
+        print(
+            f"{fmt_rate(res['achieved_rate']):>7} {unit}/s  mean {fmt_ms(lat['mean'])} "
+            f"max {fmt_ms(lat['max'])} ms  errors {res['errors_total']}  "
+            f"server {res['server_cpu_us_per_request']:.0f} us/{unit}  "
+            f"h2load {res['client_cpu_us_per_request']:.1f} us/{unit}  "
+            f"others {res['other_cores_busy']:.2f} cores",
+            flush=True,
+        )
     res["label"] = label
     log.append(res)
     return res
@@ -244,12 +353,23 @@ def one_repeat(
 
     rtb_http = demo_http_target(rtb.http_port)
     ref_http_t = demo_http_target(ref_http[1])
-    hmax = spec_for(cfg, connections=cfg.http_connections)
-    pair(
-        "http_max",
-        lambda: _run("a  rtbserve HTTP max", rtb_http, hmax, rtb.pid, log),
-        lambda: _run("a  reference HTTP max", ref_http_t, hmax, ref_http[0], log),
-    )
+    if cfg.uses_h2load:
+        pair(
+            "http_max",
+            lambda: _run_h2(
+                "a  rtbserve HTTP max", lambda: h2_http(cfg, rtb.http_port), rtb.pid, log
+            ),
+            lambda: _run_h2(
+                "a  reference HTTP max", lambda: h2_http(cfg, ref_http[1]), ref_http[0], log
+            ),
+        )
+    else:
+        hmax = spec_for(cfg, connections=cfg.http_connections)
+        pair(
+            "http_max",
+            lambda: _run("a  rtbserve HTTP max", rtb_http, hmax, rtb.pid, log),
+            lambda: _run("a  reference HTTP max", ref_http_t, hmax, ref_http[0], log),
+        )
     rate = out["http_max_rtb"].get("achieved_rate", 0) / 2
     out["open_rate"] = rate
     if rate > 0:
@@ -261,7 +381,35 @@ def one_repeat(
                 f"b  reference open {fmt_rate(rate)}/s", ref_http_t, open_spec, ref_http[0], log
             ),
         )
-    if rtb.grpc_port is not None:
+    if rtb.grpc_port is not None and cfg.uses_h2load:
+        rtb_grpc = rtb.grpc_port
+        pair(
+            "grpc_unary",
+            lambda: _run_h2(
+                "c  rtbserve gRPC unary",
+                lambda: h2_grpc(cfg, rtb_grpc, stream=False),
+                rtb.pid,
+                log,
+            ),
+            lambda: _run_h2(
+                "c  reference gRPC unary",
+                lambda: h2_grpc(cfg, ref_grpc[1], stream=False),
+                ref_grpc[0],
+                log,
+            ),
+        )
+        pair(
+            "grpc_stream",
+            lambda: _run_h2(
+                "d  rtbserve gRPC stream",
+                lambda: h2_grpc(cfg, rtb_grpc, stream=True), rtb.pid, log,
+            ),
+            lambda: _run_h2(
+                "d  reference gRPC stream",
+                lambda: h2_grpc(cfg, ref_grpc[1], stream=True), ref_grpc[0], log,
+            ),
+        )  # fmt: skip
+    elif rtb.grpc_port is not None:
         unary = spec_for(cfg, connections=cfg.grpc_inflight)
         stream = spec_for(cfg, connections=max(cfg.streams, cfg.client_procs))
         pair(
@@ -395,6 +543,7 @@ def figures(reps: list[dict[str, Any]], batcher: list[dict[str, Any]]) -> dict[s
             lambda r: _ratio(rate(r, "grpc_stream_rtb"), rate(r, "grpc_unary_rtb"))
         ),
         "stream_cpu_rtb": col(lambda r: _get(r, "grpc_stream_rtb", "server_cpu_us_per_request")),
+        "stream_cpu_ref": col(lambda r: _get(r, "grpc_stream_ref", "server_cpu_us_per_request")),
         "stream_client_cpu": col(lambda r: _get(r, "grpc_stream_rtb", "client_cpu_us_per_request")),
         "errors_total": sum(
             _get(run, "errors_total") or 0 for r in reps for run in r["runs"] if "error" not in run
@@ -466,9 +615,17 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
     def st(row: str, key: str) -> str:
         return status.get((row, key), "")
 
-    rows: list[tuple[str, str, str, str, str, str]] = [
+    closed = cfg.client  # who drove rows a, c, d
+    if cfg.uses_h2load:
+        unary_what = f"{cfg.h2_grpc_connections} conns x {cfg.h2_grpc_streams} streams"
+        stream_what = f"{cfg.h2_stream_connections} streams of {cfg.stream_messages} msgs"
+    else:
+        unary_what = f"{cfg.grpc_inflight} in flight"
+        stream_what = f"{cfg.streams} streams x {cfg.stream_depth}"
+    rows: list[tuple[str, ...]] = [
         (
             f"a  HTTP /invocations, closed loop, {cfg.http_connections} conns: req/s",
+            closed,
             _cell(f["http_rtb"], fmt_rate),
             _cell(f["http_ref"], fmt_rate),
             _cell(f["http_ratio"], _r2),
@@ -477,6 +634,7 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
         ),
         (
             "   server CPU us/request",
+            "",
             _cell(f["http_cpu_rtb"], _us),
             _cell(f["http_cpu_ref"], _us),
             "",
@@ -485,6 +643,7 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
         ),
         (
             f"b  open loop (Poisson) at {_cell(f['open_rate'], fmt_rate)} req/s: p50 ms",
+            "python",
             _cell(f["open_p50_rtb"], fmt_ms),
             _cell(f["open_p50_ref"], fmt_ms),
             "",
@@ -493,6 +652,7 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
         ),
         (
             "   p99 ms",
+            "",
             _cell(f["open_p99_rtb"], fmt_ms),
             _cell(f["open_p99_ref"], fmt_ms),
             "",
@@ -500,7 +660,8 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
             st("b", "open-loop p99 ms at half max"),
         ),
         (
-            f"c  gRPC unary Predict, {cfg.grpc_inflight} in flight: req/s",
+            f"c  gRPC unary Predict, {unary_what}: req/s",
+            closed,
             _cell(f["grpc_rtb"], fmt_rate),
             _cell(f["grpc_ref"], fmt_rate),
             _cell(f["grpc_ratio"], _r2),
@@ -509,6 +670,7 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
         ),
         (
             "   server CPU us/request",
+            "",
             _cell(f["grpc_cpu_rtb"], _us),
             _cell(f["grpc_cpu_ref"], _us),
             "",
@@ -516,7 +678,8 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
             "",
         ),
         (
-            f"d  PredictStream, {cfg.streams} streams x {cfg.stream_depth}: msgs/s",
+            f"d  PredictStream, {stream_what}: msgs/s",
+            closed,
             _cell(f["stream_rtb"], fmt_rate),
             _cell(f["stream_ref"], fmt_rate),
             _cell(f["stream_vs_unary"], _r2) + " x unary" if f["stream_vs_unary"]["n"] else "-",
@@ -524,7 +687,17 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
             st("d", "PredictStream msgs/s / unary"),
         ),
         (
+            "   server CPU us/message",
+            "",
+            _cell(f["stream_cpu_rtb"], _us),
+            _cell(f["stream_cpu_ref"], _us),
+            "",
+            "",
+            "",
+        ),
+        (
             "e  batcher, concurrency 1: median us (submit / direct)",
+            "in process",
             _cell(f["batcher_submit_us"], _us),
             _cell(f["batcher_direct_us"], _us),
             "+" + _cell(f["batcher_added_us"], _us) if f["batcher_added_us"]["n"] else "-",
@@ -532,8 +705,8 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
             st("e", "batcher added median us"),
         ),
     ]
-    head = ("figure", "rtbserve", "reference", "ratio", "bar", "")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(6)]
+    head = ("figure", "client", "rtbserve", "reference", "ratio", "bar", "")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     print()
     print("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip())
     for r in rows:
@@ -543,15 +716,15 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
         "e: model.predict(row) called directly"
     )
     client = ", ".join(
-        f"{name} {_cell(f[key], _us)}"
-        for name, key in (
-            ("HTTP max", "http_client_cpu"),
-            ("open loop", "open_client_cpu"),
-            ("gRPC unary", "grpc_client_cpu"),
-            ("stream", "stream_client_cpu"),
+        f"{row} {who} {_cell(f[key], _us)}"
+        for row, who, key in (
+            ("a", closed, "http_client_cpu"),
+            ("b", "python", "open_client_cpu"),
+            ("c", closed, "grpc_client_cpu"),
+            ("d", closed, "stream_client_cpu"),
         )
     )
-    print(f"  load generator CPU us/request: {client}")
+    print(f"  client CPU us/request (d: per message), with rtbserve: {client}")
     print(
         "  other processes (neither the measured server nor the load generator) kept "
         f"{_cell(f['other_cores'], _r2)} of the 2 cores busy during the runs"
@@ -598,10 +771,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="default 3 (1 with --quick)")
     ap.add_argument("--workers", type=int, default=2, help="rtbserve --workers (default 2)")
     ap.add_argument("--ref-procs", type=int, default=2, help="reference server processes")
-    ap.add_argument("--client-procs", type=int, default=2, help="load generator processes")
+    ap.add_argument(
+        "--client",
+        choices=("auto", "h2load", "python"),
+        default="auto",
+        help="closed-loop client for rows a, c, d: h2load when installed (auto), or the Python "
+        "load generator (whose own CPU caps these rows)",
+    )
+    ap.add_argument("--h2load-threads", type=int, default=1, help="h2load -t (default 1)")
+    ap.add_argument("--client-procs", type=int, default=2, help="Python load generator processes")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     args = ap.parse_args(argv)
-    cfg = Config.make(args)
+    h2load_exe = h2load_path()
+    if args.client == "h2load" and h2load_exe is None:
+        ap.error(f"h2load not found; install it with `{INSTALL_HINT}`")
+    client = "h2load" if args.client != "python" and h2load_exe else "python"
+    cfg = Config.make(args, client)
     from bench.core import host_facts
 
     t_run = time.perf_counter()
@@ -621,9 +806,34 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  rtbserve: {workers}, demo model ({DEMO_MODEL.name}, 1 CSV row of "
         f"{len(csv_row_to_floats(demo_csv_row()))} features); reference servers: "
-        f"{cfg.ref_procs} processes; load generator: {cfg.client_procs} processes"
+        f"{cfg.ref_procs} processes"
     )
+    python_client = f"the Python load generator ({cfg.client_procs} processes)"
+    clients = {"b": python_client}
+    if cfg.uses_h2load:
+        version = h2load_version(h2load_exe)
+        threads = f"{cfg.h2load_threads} thread{'s' if cfg.h2load_threads > 1 else ''}"
+        h2 = f"h2load {version} ({threads}, after its own warm-up run)"
+        clients |= {"a": h2, "c": h2, "d": h2}
+        print(
+            f"  clients: a, c, d {h2}; b {python_client}; gRPC answers checked once per run "
+            "with a Python grpc client (h2load reads no grpc-status)"
+        )
+    else:
+        clients |= {"a": python_client, "c": python_client, "d": python_client}
+        print(f"  clients: {python_client} for every row")
     notes: list[str] = []
+    if h2load_exe is None:
+        notes.append(
+            "h2load not found: rows a, c and d used the Python load generator, whose own CPU "
+            "per gRPC message (~110-210 us, about what the servers spend) shares the 2 cores "
+            f"with the server and caps rows c and d; install h2load with `{INSTALL_HINT}`"
+        )
+        print(f"  NOTE: {notes[-1]}")
+    elif not cfg.uses_h2load:
+        notes.append(
+            "--client python: rows c and d measure the Python client as much as the server"
+        )
     if not features["workers"]:
         notes.append("rtbserve serve has no --workers yet: it ran as one process")
     if not features["grpc_port"]:
@@ -706,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": total,
         "rtbserve_features": features,
+        "clients": clients,
         "servers": servers,
         # each repeat's runs by name; "order" is the order they ran in
         "repeats": [

@@ -3,17 +3,20 @@
 Servers are subprocesses that print a readiness line; the tests wait for that line, never sleep.
 Runs are short (about a second) and low-rate: they check that the schedule is kept, answers are
 counted and matched, and that open-loop latency includes client-side queueing; precise numbers
-belong to ``python -m bench.serving``.
+belong to ``python -m bench.serving``. The h2load driver (``bench.h2load``) is tested on captured
+output and gRPC bodies, and with real ~1 s runs when h2load is installed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,23 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(REPO))
 
+from bench.h2load import (  # noqa: E402
+    H2loadError,
+    H2Run,
+    check_grpc_answers,
+    check_http_answer,
+    compare_answers,
+    grpc_frame,
+    grpc_run,
+    grpc_stream_body,
+    grpc_unary_body,
+    grpc_unframe,
+    h2load_argv,
+    http_run,
+    missing_answers,
+    parse_h2load_output,
+    run_h2load,
+)
 from bench.loadgen import (  # noqa: E402
     LoadError,
     LoadSpec,
@@ -35,7 +55,7 @@ from bench.loadgen.cpu import descendant_pids, tree_cpu_s  # noqa: E402
 from bench.loadgen.grpc_client import StreamMatcher, StreamPool  # noqa: E402
 from bench.loadgen.schedule import arrival_times_ns  # noqa: E402
 from bench.loadgen.stats import ERROR_KINDS, Recorder, format_result  # noqa: E402
-from bench.loadgen.targets import predictor_pb2  # noqa: E402
+from bench.loadgen.targets import PREDICT_METHOD, STREAM_METHOD, predictor_pb2  # noqa: E402
 from bench.ref_servers import ServerProcess, start_ref_server  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -281,3 +301,210 @@ def test_stream_reader_counts_mismatched_ids() -> None:
     rec = asyncio.run(scenario())
     assert rec.errors["mismatched_id"] == 1
     assert len(rec.latency) == 2
+
+
+# --------------------------------------------------------------------------- h2load
+
+# captured from `h2load --h1 -c 64 -t 1 -D 3 --warm-up-time 1 -d row.csv ...` (nghttp2 1.52.0)
+H2LOAD_H1_OUTPUT = """\
+starting benchmark...
+spawning thread #0: 64 total client(s). Timing-based test with 1s of warm-up time and 2s of \
+main duration for measurements.
+Warm-up started for thread #0.
+progress: 9% of clients started
+progress: 100% of clients started
+Application protocol: http/1.1
+Warm-up phase is over for thread #0.
+Main benchmark duration is started for thread #0.
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 3.00s, 53525.00 req/s, 3.37MB/s
+requests: 107050 total, 107050 started, 107050 done, 107050 succeeded, 0 failed, 0 errored, \
+0 timeout
+status codes: 107050 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 6.74MB (7065300) total, 5.42MB (5685680) headers (space savings 0.00%), 634.56KB \
+(649792) data
+                     min         max         mean         sd        +/- sd
+time for request:      127us     13.10ms      1.19ms      1.01ms    96.41%
+time for connect:        0us         0us         0us         0us     0.00%
+time to 1st byte:        0us         0us         0us         0us     0.00%
+req/s           :     813.80      873.04      835.98       23.28    62.50%
+"""
+
+# a gRPC stream run, edited to show failures, non-2xx statuses and second-long requests
+H2LOAD_H2_OUTPUT = """\
+Application protocol: h2c
+finished in 2.01s, 258.50 req/s, 644.11KB/s
+requests: 520 total, 529 started, 517 done, 510 succeeded, 7 failed, 3 errored, 2 timeout
+status codes: 520 2xx, 0 3xx, 4 4xx, 3 5xx
+traffic: 1.26MB (1325039) total, 2.12KB (2172) headers (space savings 95.53%), 973.02KB \
+(996375) data
+                     min         max         mean         sd        +/- sd
+time for request:    17.72ms      1.20s     30.57ms      8.89ms    69.44%
+"""
+
+
+def test_parse_h2load_http1_output() -> None:
+    out = parse_h2load_output(H2LOAD_H1_OUTPUT)
+    assert out["finished_s"] == 3.0 and out["req_per_s"] == 53525.0
+    assert out["requests"] == {
+        "total": 107050, "started": 107050, "done": 107050, "succeeded": 107050,
+        "failed": 0, "errored": 0, "timeout": 0,
+    }  # fmt: skip
+    assert out["status"] == {"2xx": 107050, "3xx": 0, "4xx": 0, "5xx": 0}
+    assert out["traffic"] == {"total": 7065300, "headers": 5685680, "data": 649792}
+    assert out["request_ms"] == pytest.approx({"min": 0.127, "max": 13.1, "mean": 1.19, "sd": 1.01})
+    assert out["protocol"] == "http/1.1"
+
+
+def test_parse_h2load_counts_failures_and_units() -> None:
+    out = parse_h2load_output(H2LOAD_H2_OUTPUT)
+    assert out["requests"]["done"] == 517 and out["requests"]["failed"] == 7
+    assert out["requests"]["errored"] == 3 and out["requests"]["timeout"] == 2
+    assert out["status"] == {"2xx": 520, "3xx": 0, "4xx": 4, "5xx": 3}
+    assert out["request_ms"]["max"] == pytest.approx(1200.0)
+    assert out["protocol"] == "h2c"
+
+
+def test_parse_h2load_rejects_output_without_a_summary() -> None:
+    with pytest.raises(ValueError, match="finished in"):
+        parse_h2load_output("connect: Connection refused\n")
+
+
+def test_missing_answers_from_data_bytes() -> None:
+    assert missing_answers(done=100, data_bytes=2800, answer_bytes=28) == 0
+    assert missing_answers(done=100, data_bytes=2800 + 50, answer_bytes=28) == 0  # in flight
+    assert missing_answers(done=100, data_bytes=2800 - 3 * 28, answer_bytes=28) == 3
+    # streams: 64 answers of 30 bytes per request; one stream stopped after 10 answers
+    assert missing_answers(done=10, data_bytes=9 * 1920 + 300, answer_bytes=1920, messages=64) == 54
+
+
+def test_h2load_argv() -> None:
+    run = http_run(demo_http_target(8080), connections=64, duration_s=2.5, warmup_s=0)
+    argv = h2load_argv(run, "/tmp/body", run.duration_s)
+    assert argv[:11] == [
+        "h2load", "-c", "64", "-m", "1", "-t", "1", "-D", "2500ms", "-d", "/tmp/body",
+    ]  # fmt: skip
+    assert "--h1" in argv and argv[-1] == "http://127.0.0.1:8080/invocations"
+    assert "content-type: text/csv" in argv
+    target = demo_grpc_target(9000)
+    run = grpc_run(target, grpc_unary_body(target), connections=8, streams=8, threads=4)
+    argv = h2load_argv(run, "/tmp/body", 1.0)
+    assert "--h1" not in argv and argv[-1] == "http://127.0.0.1:9000/rtbserve.v1.Predictor/Predict"
+    assert argv[argv.index("-m") + 1] == "8" and argv[argv.index("-t") + 1] == "4"
+    assert "content-type: application/grpc" in argv and "te: trailers" in argv
+    with pytest.raises(ValueError, match="loopback"):
+        H2Run("http://10.0.0.1:80/", b"")
+    with pytest.raises(ValueError, match="HTTP/1.1"):
+        H2Run("http://127.0.0.1:80/", b"", h1=True, streams=4)
+
+
+def test_grpc_frame_round_trips_a_predict_request() -> None:
+    pb2 = predictor_pb2()
+    msg = pb2.PredictRequest(request_id="r1", rows=[1.0, float("nan")], n_features=2)
+    raw = msg.SerializeToString()
+    framed = grpc_frame(raw)
+    assert framed[0] == 0 and int.from_bytes(framed[1:5], "big") == len(raw)
+    assert grpc_unframe(framed) == [raw]
+    back = pb2.PredictRequest.FromString(grpc_unframe(framed)[0])
+    assert back.request_id == "r1" and back.n_features == 2 and back.rows[0] == 1.0
+
+    target = demo_grpc_target(9000, stream=True)
+    messages = [
+        pb2.PredictRequest.FromString(m) for m in grpc_unframe(grpc_stream_body(target, 64))
+    ]
+    assert [m.request_id for m in messages] == [f"s{i}" for i in range(64)]
+    assert all(len(m.rows) == m.n_features == 67 for m in messages)
+    (unary,) = grpc_unframe(grpc_unary_body(demo_grpc_target(9000)))
+    assert pb2.PredictRequest.FromString(unary).request_id == "u"
+
+    with pytest.raises(ValueError, match="needs"):
+        grpc_unframe(framed[:-1])
+    with pytest.raises(ValueError, match="compressed flag"):
+        grpc_unframe(b"\x01" + framed[1:])
+
+
+def test_compare_answers_matches_request_ids() -> None:
+    pb2 = predictor_pb2()
+    reqs = [pb2.PredictRequest(request_id=i).SerializeToString() for i in ("a", "b")]
+
+    def answer(rid: str, **kw: object) -> bytes:
+        return pb2.PredictResponse(request_id=rid, scores=[0.5], **kw).SerializeToString()
+
+    compare_answers(reqs, [answer("b"), answer("a")])  # any order
+    with pytest.raises(H2loadError, match="missing \\['b'\\], unexpected \\['c'\\]"):
+        compare_answers(reqs, [answer("a"), answer("c")])
+    with pytest.raises(H2loadError, match="missing"):
+        compare_answers(reqs, [answer("a")])
+    with pytest.raises(H2loadError, match="error 3"):
+        compare_answers(reqs, [answer("a"), answer("b", error=pb2.Error(code=3, message="x"))])
+
+
+needs_h2load = pytest.mark.skipif(
+    shutil.which("h2load") is None, reason="h2load not installed (apt-get install nghttp2-client)"
+)
+
+
+@needs_h2load
+def test_h2load_run_against_the_http_reference(http_server: ServerProcess) -> None:
+    target = demo_http_target(http_server.port)
+    assert check_http_answer(target)["status"] == 200
+    run = http_run(target, connections=4, duration_s=0.5, warmup_s=0.2)
+    res = run_h2load(run, server_pid=http_server.pid)
+    assert res["client"] == "h2load" and res["h2load"]["protocol"] == "http/1.1"
+    assert res["requests"] > 100 and res["errors_total"] == 0
+    assert res["achieved_rate"] == res["requests"] / 0.5
+    assert res["client_cpu_us_per_request"] > 0 and res["server_cpu_us_per_request"] > 0
+    assert res["warmup"]["requests"]["done"] > 0
+
+
+@needs_h2load
+def test_h2load_grpc_stream_and_unary_against_the_grpc_reference(
+    grpc_server: ServerProcess,
+) -> None:
+    port = grpc_server.port
+    target = demo_grpc_target(port, stream=True)
+    body = grpc_stream_body(target, 16)
+    check = check_grpc_answers("127.0.0.1", port, STREAM_METHOD, body)
+    assert check["messages"] == 16
+    run = grpc_run(
+        target, body, messages=16, connections=2, duration_s=0.5, warmup_s=0,
+        answer_bytes=check["answer_bytes"],
+    )  # fmt: skip
+    res = run_h2load(run)
+    assert res["h2load"]["protocol"] == "h2c"
+    assert res["requests"] > 10 and res["errors_total"] == 0
+    assert res["answered"] == 16 * res["requests"]
+    # the byte check sees answers missing when the expected size is larger than what came
+    res = run_h2load(replace(run, answer_bytes=check["answer_bytes"] + 16))
+    assert res["errors"]["missing_answers"] > 0
+
+    target = demo_grpc_target(port)
+    body = grpc_unary_body(target)
+    check = check_grpc_answers("127.0.0.1", port, PREDICT_METHOD, body)
+    run = grpc_run(
+        target, body, connections=2, streams=4, duration_s=0.3, warmup_s=0,
+        answer_bytes=check["answer_bytes"],
+    )  # fmt: skip
+    res = run_h2load(run)
+    assert res["requests"] > 10 and res["errors_total"] == 0
+
+
+def test_missing_h2load_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.h2load
+
+    monkeypatch.setattr(bench.h2load, "h2load_path", lambda: None)
+    with pytest.raises(H2loadError, match="apt-get install nghttp2-client"):
+        run_h2load(http_run(demo_http_target(8080), duration_s=0.2, warmup_s=0))
+
+
+@needs_h2load
+def test_h2load_reports_a_server_that_is_not_there() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(H2loadError, match="no request"):
+        run_h2load(http_run(demo_http_target(port), connections=1, duration_s=0.2, warmup_s=0))
