@@ -83,12 +83,16 @@ class InferenceApp:
         *,
         default_accept: str = "text/csv",
         render_metrics: Callable[[], tuple[bytes, str]] | None = None,
+        extra_routes: dict[str, Callable[[HttpRequest], HttpResponse]] | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.default_accept = default_accept
         self.supported_accept = tuple(ENCODERS)
         self._render_metrics = render_metrics
+        # exact path -> sync handler, for deployment-specific routes (SageMaker's
+        # /execution-parameters); looked up after the hot routes
+        self._extra_routes = dict(extra_routes or {})
         self._accept_cache: dict[str | None, str] = {}
 
     def _accept(self, header: str | None) -> str:
@@ -114,6 +118,11 @@ class InferenceApp:
             return self._v2(request, path)
         if path == "/metrics":
             return self.metrics_response(request)
+        extra = self._extra_routes.get(path)
+        if extra is not None:
+            response = extra(request)
+            self.metrics.count_request("other", "", response.status)
+            return response
         self.metrics.count_request("other", "", 404)
         return _not_found(path)
 
