@@ -52,22 +52,26 @@ class _Pending:
     """One queued request. ``future`` (``submit``) or ``callback`` (``submit_callback``) gets
     the answer; heap entries are ``(deadline, seq, pending)`` tuples."""
 
-    __slots__ = ("rows", "future", "callback", "enqueued")
+    __slots__ = ("rows", "future", "callback", "abandoned", "enqueued")
 
     def __init__(
         self,
         rows: np.ndarray,
         future: asyncio.Future[Any] | None,
         callback: Callable[[np.ndarray | None, BaseException | None], None] | None,
+        abandoned: Callable[[], bool] | None,
         enqueued: float,
     ) -> None:
         self.rows = rows
         self.future = future
         self.callback = callback
+        self.abandoned = abandoned
         self.enqueued = enqueued  # clock seconds, for the queue metric
 
     def is_abandoned(self) -> bool:
-        return self.future is not None and self.future.done()
+        if self.future is not None:
+            return self.future.done()
+        return self.abandoned is not None and self.abandoned()
 
     def answer(self, scores: np.ndarray | None, exc: BaseException | None) -> None:
         if self.callback is not None:
@@ -152,7 +156,7 @@ class MicroBatcher:
         """
         loop = self._loop or self._bind_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._push(rows, deadline, fut, None)
+        self._push(rows, deadline, fut, None, None)
         return fut
 
     def submit_callback(
@@ -160,13 +164,15 @@ class MicroBatcher:
         rows: np.ndarray,
         deadline: float | None,
         callback: Callable[[np.ndarray | None, BaseException | None], None],
+        abandoned: Callable[[], bool] | None = None,
     ) -> None:
         """Like ``submit``, but ``callback(scores, None)`` or ``callback(None, exc)`` is called
         from the flush itself: no future, no extra loop iteration (the transports' fast path).
+        ``abandoned()`` returning True (the caller went away) drops the rows unscored.
         Raises ``Overloaded`` or ``DeadlineExceeded`` at once, before queueing."""
         if self._loop is None:
             self._bind_loop()
-        self._push(rows, deadline, None, callback)
+        self._push(rows, deadline, None, callback, abandoned)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -178,6 +184,7 @@ class MicroBatcher:
         deadline: float | None,
         fut: asyncio.Future[Any] | None,
         callback: Callable[[np.ndarray | None, BaseException | None], None] | None,
+        abandoned: Callable[[], bool] | None,
     ) -> None:
         n = rows.shape[0]
         if self._queue_rows + n > self.max_queue_rows and self._queue_rows:
@@ -190,7 +197,9 @@ class MicroBatcher:
         if due <= now:
             self.stats.deadline_misses += 1
             raise DeadlineExceeded("deadline already passed on arrival")
-        heapq.heappush(self._heap, (due, next(self._seq), _Pending(rows, fut, callback, now)))
+        heapq.heappush(
+            self._heap, (due, next(self._seq), _Pending(rows, fut, callback, abandoned, now))
+        )
         self._queue_rows += n
         if not self._flush_scheduled and not self._busy:
             self._flush_scheduled = True

@@ -211,18 +211,18 @@ def encode_scores(request_id: str, model: str, scores: np.ndarray, failed_open: 
 class _PredictStream:
     """One ``PredictStream`` call: a reader task decodes and submits, the handler's task writes.
 
-    Messages go to the micro-batcher as futures with a done callback, not as a Task each: the
-    callback encodes the answer and queues it for the writer. Cancelling the futures (client
-    cancel) takes their rows out of the batch before the kernel runs.
+    Messages go to the micro-batcher with a callback (``submit_callback``), not as a Task or a
+    future each: the batcher's flush calls it, and it encodes the answer and queues it for the
+    writer. After the call ends (client cancel, drain) late answers are dropped.
     """
 
-    __slots__ = ("_service", "_context", "_answers", "_pending", "_in_flight", "_room", "_reader")
+    __slots__ = ("_service", "_context", "_answers", "_is_done", "_in_flight", "_room", "_reader")
 
     def __init__(self, service: PredictorService, context: grpc.aio.ServicerContext) -> None:
         self._service = service
         self._context = context
         self._answers: asyncio.Queue[Any] = asyncio.Queue()
-        self._pending: set[asyncio.Future[Any]] = set()
+        self._is_done = False
         self._in_flight = 0  # messages read whose answer is not yet written
         self._room = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -248,14 +248,16 @@ class _PredictStream:
                     room.set()
         finally:
             reader.cancel()
-            for future in tuple(self._pending):
-                future.cancel()
+            self._is_done = True
         if reader.cancelled():  # drained: tell the client to go elsewhere
             await self._context.abort(grpc.StatusCode.UNAVAILABLE, _DRAINING_MESSAGE)
         exc = reader.exception()
         if exc is not None:
             status, message, code = status_for(exc)
             await self._context.abort(status, message, trailing_metadata=((ERROR_CODE_KEY, code),))
+
+    def _has_ended(self) -> bool:
+        return self._is_done
 
     def stop_reading(self) -> None:
         if self._reader is not None:
@@ -265,7 +267,6 @@ class _PredictStream:
         model_for = self._service.model_for
         decode_rows = self._service.decode_rows
         limit = self._service.max_stream_in_flight
-        pending = self._pending
         async for request in requests:
             self._in_flight += 1
             request_id = request.request_id
@@ -280,26 +281,14 @@ class _PredictStream:
             else:
                 deadline_ms = request.deadline_ms  # type: ignore[union-attr]
                 deadline = time.monotonic() + deadline_ms / 1e3 if deadline_ms else None
+                on_scored = partial(self._scored, request_id, served, rows.shape[0])
                 try:
-                    future = served.batcher.submit(rows, deadline)
+                    served.batcher.submit_callback(rows, deadline, on_scored, self._has_ended)
                 except Exception as exc:  # shed, or late on arrival: answered at once
                     self._scored(request_id, served, rows.shape[0], None, exc)
-                else:
-                    pending.add(future)
-                    on_done = partial(self._on_done, request_id, served, rows.shape[0])
-                    future.add_done_callback(on_done)
             if self._in_flight >= limit:
                 self._room.clear()
                 await self._room.wait()
-
-    def _on_done(
-        self, request_id: str, served: ServedModel, n_rows: int, future: asyncio.Future[Any]
-    ) -> None:
-        self._pending.discard(future)
-        if future.cancelled():
-            return
-        exc = future.exception()
-        self._scored(request_id, served, n_rows, None if exc else future.result(), exc)
 
     def _scored(
         self,
@@ -309,6 +298,8 @@ class _PredictStream:
         scores: np.ndarray | None,
         exc: BaseException | None,
     ) -> None:
+        if self._is_done:
+            return  # the call ended (cancelled or drained): nobody reads this answer
         failed_open = False
         if exc is not None:
             if not isinstance(exc, RtbError):
