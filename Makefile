@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: serve test lint format bench bench-serving proto clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py rtbserve/codecs/_csv_fast.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rtbserve needs Python >= 3.11 (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -4,15 +4,19 @@ A body is rows of numbers, one per line (``\\n`` or ``\\r\\n``), no header, no l
 Whitespace around the whole body and around each field is ignored; an empty field is a missing
 value (NaN); ``nan`` and ``inf`` are numbers. Every value is exactly ``np.float32(float(token))``.
 
-Parsing has two paths. The fast path checks cheap byte-level invariants (only numeric bytes;
-no blank line; every line has ``n_features - 1`` commas), spells empty fields as missing
-values and hands the whole body to one C parser call: orjson when every field is a JSON
-number (the common case, and the fastest), else numpy's ``fromstring``. Anything it cannot
-prove valid falls to the exact path, a per-token Python parser that either returns the same
-matrix or raises the precise error: ``UnsupportedMediaType`` for bytes that are not this
-format (with line and column, counted in the original body), ``InvalidInput`` for a
-well-formed body with the wrong feature count. Scores are written with the shortest text that
-round-trips float32.
+Parsing has up to three paths; the first two return the exact path's matrix or pass the body
+on. The C path (``_csv_fast.c``, built at install; one pass, straight into the float32
+result, without the GIL for large bodies) takes every body whose rows all have
+``n_features`` fields of valid tokens; it checks each token against float()'s grammar itself
+and converts through float64 as float() does. What it passes on (every body, when no compiler
+built it at install) goes to the Python fast path, which checks cheap byte-level invariants
+(only numeric bytes; no blank line; every line has ``n_features - 1`` commas), spells empty
+fields as missing values and hands the whole body to one C parser call: orjson when every
+field is a JSON number, else numpy's ``fromstring``. Anything else falls to the exact path, a
+per-token Python parser that either returns the same matrix or raises the precise error:
+``UnsupportedMediaType`` for bytes that are not this format (with line and column, counted in
+the original body), ``InvalidInput`` for a well-formed body with the wrong feature count.
+Scores are written with the shortest text that round-trips float32.
 """
 
 from __future__ import annotations
@@ -22,12 +26,21 @@ import orjson
 
 from rtbserve.errors import InvalidInput, UnsupportedMediaType
 
+try:
+    from rtbserve.codecs._csv_fast import parse_rows as _parse_rows_c
+except ImportError:  # built without a C compiler: the Python paths below do the same job
+    _parse_rows_c = None
+
 # Bytes a valid numeric body can contain: digits, signs, point, exponent, the letters of
 # nan/inf/infinity, and separators. Spaces and tabs also go to the exact path: numpy's parser
 # treats whitespace around separators loosely (a blank field can come back as -1.0).
 _NUMERIC_BYTES = b"0123456789.eE+-nNaAiIfFtTyY,\n\r"
 _JSON_NUMBER_BYTES = b"0123456789.eE+-,"
 _MAX_TOKEN_SHOWN = 40
+# orjson writes NaN and +-inf as null, and no finite number has an "n": one byte test (an int
+# in bytes is the cheapest) tells whether its text needs the nan/inf spellings.
+_NULL_FIRST_BYTE = ord("n")
+_JSON_LIST_TO_LINES = bytes.maketrans(b",]", b"\n\n")
 
 
 def _float64_to_float32(values: np.ndarray) -> np.ndarray:
@@ -44,8 +57,13 @@ def parse_csv_rows(body: bytes, n_features: int) -> np.ndarray:
     >= 1. Raises ``InvalidInput("empty body")`` for an empty or all-whitespace body,
     ``UnsupportedMediaType`` (message names line and column, 1-based) for a non-numeric token,
     a header row, a blank line inside the body or ragged rows, and ``InvalidInput`` when every
-    row has the same width but not ``n_features``. Thread-safe; holds no state.
+    row has the same width but not ``n_features``. Thread-safe; holds no state; the C path
+    releases the GIL while it parses a body over 64 KiB.
     """
+    if _parse_rows_c is not None:
+        rows = _parse_rows_c(body, n_features)  # allocates; releases GIL for large bodies
+        if rows is not None:
+            return rows
     if n_features < 1:
         raise ValueError(f"n_features must be >= 1, got {n_features}")
     text = body.strip()
@@ -67,13 +85,16 @@ def parse_csv_rows(body: bytes, n_features: int) -> np.ndarray:
             return _parse_csv_exact(body, n_features)
         flat = text.replace(b"\n", b",")  # allocates
     has_empty = b",," in flat or flat[0] == 44 or flat[-1] == 44  # 44 is ','
-    if not flat.translate(None, _JSON_NUMBER_BYTES):
+    is_json_int_minus_zero = b"-0," in flat or flat.endswith(b"-0")  # orjson: int 0, not -0.0
+    if not flat.translate(None, _JSON_NUMBER_BYTES) and not is_json_int_minus_zero:
         # No nan/inf spelled out: the fields are likely JSON numbers, and orjson's parser is
         # several times faster than numpy's. JSON number syntax is a subset of float()'s,
         # with the same correctly rounded value; anything else (".5", "1e400") falls through.
         values = _parse_as_json(_fill_empty(flat, b"null") if has_empty else flat)
         if values is not None and values.size == n_rows * n_features:
             return _float64_to_float32(values).reshape(n_rows, n_features)
+    if b"-n" in flat or b"-N" in flat:  # numpy's parser drops the sign bit of "-nan"
+        return _parse_csv_exact(body, n_features)
     if has_empty:
         flat = _fill_empty(flat, b"nan")
     try:
@@ -201,13 +222,15 @@ def scores_to_csv(scores: np.ndarray) -> bytes:
     row (multiclass); cast to float32. Each value is the shortest text that parses back to the
     same float32 (``0.1``, ``1e-7``, ``nan``, ``inf``, ``-inf``). No rows -> ``b""``.
     """
-    arr = as_score_array(scores)
+    arr = np.ascontiguousarray(scores, dtype=np.float32)  # no copy for the predictors' output
+    if arr.ndim != 1:
+        arr = as_score_array(arr)
     if arr.size == 0:
         return b""
-    if np.isfinite(arr).all():
-        dumped = orjson.dumps(arr, option=orjson.OPT_SERIALIZE_NUMPY)  # allocates
+    dumped = orjson.dumps(arr, option=orjson.OPT_SERIALIZE_NUMPY)  # allocates
+    if _NULL_FIRST_BYTE not in dumped:  # all finite: orjson's text is ours
         if arr.ndim == 1:
-            return dumped[1:-1].replace(b",", b"\n") + b"\n"
+            return dumped.translate(_JSON_LIST_TO_LINES, b"[")  # "[a,b]" -> "a\nb\n"
         return dumped[2:-2].replace(b"],[", b"\n") + b"\n"
     tokens = _float32_tokens(arr.reshape(-1))
     if arr.ndim == 1:
