@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: serve test lint format bench bench-serving proto clean
+.PHONY: serve test lint format bench bench-serving proto lock clean
 
 $(STAMP): pyproject.toml setup.py rtbserve/codecs/_csv_fast.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rtbserve needs Python >= 3.11 (set PYTHON=...)")'
@@ -23,6 +23,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -33,6 +34,9 @@ bench: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(BIN)/python -m bench.serving $(BENCH_ARGS)
+
+lock: $(STAMP)
+	$(BIN)/python scripts/lock_requirements.py
 
 proto: $(STAMP)
 	$(BIN)/python -m rtbserve.transports.grpc.codegen

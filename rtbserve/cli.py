@@ -8,13 +8,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import orjson
+from typing import TYPE_CHECKING, Any
 
 from rtbserve.errors import RtbError
 from rtbserve.predictors import BACKEND_NAMES
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy and orjson are imported where used: ``serve`` forks its init process (PID 1 in a
+# container) before anything starts threads, and numpy's BLAS does at import.
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "rtb-filter"
 
@@ -66,6 +69,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         "load_ms": round(elapsed_ms, 1),
     }
     if args.json:
+        import orjson
+
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     print(f"model      {report['model']} ({report['format']}, {model.objective})")
@@ -105,6 +110,8 @@ def _buckets(b: dict[str, str]) -> str:
 
 
 def _read_rows(path: str, n_features: int) -> np.ndarray:
+    import numpy as np
+
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
@@ -120,6 +127,8 @@ def _read_rows(path: str, n_features: int) -> np.ndarray:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     model = _load(args, Path(args.model) if args.model else demo_model_path())
+    import numpy as np
+
     X = _read_rows(args.csv, model.n_features)
     scores = model.predict(X, output=args.output)
     for row in np.atleast_1d(scores):
@@ -128,31 +137,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from rtbserve.supervisor import run_as_init_if_pid1
+
+    return run_as_init_if_pid1(lambda: _serve(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
     from rtbserve.config import ServerSettings, discover_models
     from rtbserve.supervisor import run
 
-    models = discover_models(
-        args.model or demo_model_path(),
-        backend=None if args.backend == "auto" else args.backend,
-    )
-    settings = ServerSettings(
-        models=tuple(models),
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=None if args.no_grpc else args.grpc_port,
-        metrics_port=args.metrics_port,
-        workers=args.workers or len(os.sched_getaffinity(0)),
-        cache_dir=args.cache_dir,
-        drain_timeout_s=args.drain_timeout_s,
-        max_body_bytes=args.max_body_bytes,
-        idle_timeout_s=args.idle_timeout_s,
-        request_timeout_s=args.request_timeout_s,
-    )
-    return run(settings)
+    try:
+        models = discover_models(
+            args.model or demo_model_path(),
+            backend=None if args.backend == "auto" else args.backend,
+        )
+        settings = ServerSettings(
+            models=tuple(models),
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=None if args.no_grpc else args.grpc_port,
+            metrics_port=args.metrics_port,
+            workers=args.workers or len(os.sched_getaffinity(0)),
+            cache_dir=args.cache_dir,
+            drain_timeout_s=args.drain_timeout_s,
+            max_body_bytes=args.max_body_bytes,
+            idle_timeout_s=args.idle_timeout_s,
+            request_timeout_s=args.request_timeout_s,
+        )
+        return run(settings)
+    except RtbError as exc:  # in the forked child too (PID 1), where main() cannot catch it
+        print(f"rtbserve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Score the demo sample in process and report the one-row latency."""
+    import numpy as np
+
     path = Path(args.model) if args.model else demo_model_path()
     t0 = time.perf_counter()
     model = _load(args, path)
@@ -227,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ.setdefault("RTBSERVE_LOG_LEVEL", "INFO")  # the workers', for ``serve``
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -238,10 +261,69 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def sagemaker_serve() -> int:
-    """SageMaker's ``serve``: the model under $SAGEMAKER_BASE_DIR/model (issue 4 completes it)."""
-    base = Path(os.environ.get("SAGEMAKER_BASE_DIR", "/opt/ml"))
-    return main(["serve", str(base / "model")])
+def sagemaker_serve(argv: list[str] | None = None) -> int:
+    """SageMaker's ``serve``: ``docker run IMAGE serve`` runs this (the image's ENTRYPOINT), as
+    configured by SageMaker's environment (``rtbserve.sagemaker``). ``serve compile`` compiles
+    and verifies the model into the cache and exits (the image build bakes a model in with it).
+    Exit 2 on a bad environment, a missing or bad model, or ``train`` (this image only serves)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["serve"]:  # ENTRYPOINT ["serve"] + SageMaker's "serve" argument
+        args = args[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        from rtbserve.sagemaker import help_text
+
+        print(help_text())
+        return 0
+    if args[:1] == ["train"]:
+        print(
+            "serve: error: this image serves models and does not train; use it for SageMaker "
+            "endpoints or Batch Transform, not for a training job",
+            file=sys.stderr,
+        )
+        return 2
+    if args == ["compile"]:  # the image build: compile and verify the baked-in model
+        return _sagemaker_serve(compile_only=True)
+    if args:
+        print(
+            f"serve: error: unexpected arguments {args!r}; usage: serve [serve | compile]",
+            file=sys.stderr,
+        )
+        return 2
+    from rtbserve.supervisor import run_as_init_if_pid1
+
+    return run_as_init_if_pid1(_sagemaker_serve)
+
+
+def _sagemaker_serve(compile_only: bool = False) -> int:
+    from rtbserve import sagemaker
+    from rtbserve.config import discover_models
+
+    try:
+        env = sagemaker.parse_environment(os.environ)
+        logging.basicConfig(
+            level=env.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        os.environ["RTBSERVE_LOG_LEVEL"] = str(env.log_level)  # the workers' level
+        path = sagemaker.model_dir(env)
+        settings = sagemaker.server_settings(env, discover_models(path))
+        logging.getLogger("rtbserve.cli").info(
+            "serving %s: %s", path, ", ".join(m.name for m in settings.models)
+        )
+        if compile_only:
+            from rtbserve.worker import load_models
+
+            for model_settings, model in load_models(settings):
+                print(
+                    f"model {model_settings.name!r}: {model.backend}, {model.n_features} "
+                    f"features, {model.verification.summary()}"
+                )
+            return 0
+        from rtbserve.supervisor import run
+
+        return run(settings)
+    except RtbError as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

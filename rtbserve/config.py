@@ -3,8 +3,9 @@
 
 A path is one of: a model file; a directory holding one model (``REPO/NAME/model.json`` style,
 with side files such as ``features.json`` and ``rtbserve.toml``); or a repository: a directory
-whose sub-directories each hold one model, served under the sub-directory's name. A model's
-``rtbserve.toml`` (beside its file) sets its serving options::
+whose sub-directories each hold one model, served under the sub-directory's name (``code/``,
+SageMaker's user-script directory, never counts as one). A model's ``rtbserve.toml`` (beside
+its file) sets its serving options::
 
     backend = "auto"            # auto | numba | tl2cgen | xgboost | lightgbm | gtil
     threshold = 0.5             # label threshold (default: features.json's, else 0.5)
@@ -35,6 +36,9 @@ from rtbserve.errors import ConfigError
 
 OUTPUTS = ("probability", "margin", "label")
 SETTINGS_FILE = "rtbserve.toml"
+# Never a model of a repository: SageMaker's user-script directory (model.tar.gz's code/), even
+# when it holds a file that looks like a model (a JSON config, say).
+RESERVED_DIR_NAMES = frozenset({"code"})
 _BACKENDS = ("auto", "numba", "tl2cgen", "xgboost", "lightgbm", "gtil")
 
 
@@ -64,8 +68,37 @@ class ModelSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ExecutionParameters:
+    """SageMaker Batch Transform's ``GET /execution-parameters`` answer (see rtbserve.sagemaker).
+
+    max_payload_in_mb: 0 means SageMaker streams the payload chunked (no fixed size).
+    """
+
+    max_concurrent_transforms: int
+    batch_strategy: str  # MULTI_RECORD | SINGLE_RECORD
+    max_payload_in_mb: int
+
+    def to_json(self) -> bytes:
+        import json
+
+        doc = {
+            "MaxConcurrentTransforms": self.max_concurrent_transforms,
+            "BatchStrategy": self.batch_strategy,
+            "MaxPayloadInMB": self.max_payload_in_mb,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """One serving run. Ports of 0 pick a free port; ``None`` disables that listener."""
+    """One serving run. Ports of 0 pick a free port; ``None`` disables that listener.
+
+    port_range: when set, a gRPC or metrics port of 0 is the first free port of this inclusive
+    range (never the HTTP port) instead of one the kernel picks (SAGEMAKER_SAFE_PORT_RANGE).
+    skip_unavailable_ports: a gRPC or metrics port that is taken (or a range with no free port)
+    disables that listener with a warning instead of failing the start.
+    execution_parameters: when set, HTTP serves ``GET /execution-parameters``.
+    """
 
     models: tuple[ModelSettings, ...]
     host: str = "0.0.0.0"
@@ -78,6 +111,9 @@ class ServerSettings:
     max_body_bytes: int = 6 * 1024 * 1024
     idle_timeout_s: float = 60.0
     request_timeout_s: float = 60.0
+    port_range: tuple[int, int] | None = None
+    skip_unavailable_ports: bool = False
+    execution_parameters: ExecutionParameters | None = None
 
     @property
     def default_model(self) -> ModelSettings:
@@ -110,7 +146,11 @@ def discover_models(
             found = [_model_settings(p.resolve().name, p, p)]
         except ArtifactError as single_error:
             subdirs = sorted(
-                d for d in p.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))
+                d
+                for d in p.iterdir()
+                if d.is_dir()
+                and not d.name.startswith((".", "_"))
+                and d.name not in RESERVED_DIR_NAMES
             )
             found = []
             for d in subdirs:
@@ -235,4 +275,40 @@ def settings_from_json(text: str) -> ServerSettings:
                 fail_open=None if fail_open is None else FailOpenSettings(**fail_open),
             )
         )
-    return ServerSettings(models=tuple(models), **doc)
+    port_range = doc.pop("port_range")
+    params = doc.pop("execution_parameters")
+    return ServerSettings(
+        models=tuple(models),
+        port_range=None if port_range is None else (int(port_range[0]), int(port_range[1])),
+        execution_parameters=None if params is None else ExecutionParameters(**params),
+        **doc,
+    )
+
+
+_LEVEL_NAMES = {
+    "DEBUG": 10,
+    "INFO": 20,
+    "WARN": 30,
+    "WARNING": 30,
+    "ERROR": 40,
+    "CRITICAL": 50,
+    "FATAL": 50,
+}
+
+
+def parse_log_level(text: str) -> int:
+    """A Python logging level from a name (``info``, ``WARNING``, any case) or a number
+    (``20``, as SageMaker's SAGEMAKER_CONTAINER_LOG_LEVEL); raises ConfigError otherwise."""
+    value = text.strip()
+    if value.lstrip("-").isdigit():
+        level = int(value)
+        if not 0 <= level <= 50:
+            raise ConfigError(f"log level must lie in 0..50, got {level}")
+        return level
+    level_or_none = _LEVEL_NAMES.get(value.upper())
+    if level_or_none is None:
+        raise ConfigError(
+            f"unknown log level {text!r}; expected a number 0..50 or one of "
+            "DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        )
+    return level_or_none

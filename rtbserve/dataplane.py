@@ -122,6 +122,11 @@ class DataPlane:
         return sorted(self._models)
 
     @property
+    def served_models(self) -> list[ServedModel]:
+        """Every model added, ready or not (start-up checks), in name order."""
+        return [self._models[name] for name in sorted(self._models)]
+
+    @property
     def default_name(self) -> str | None:
         return None if self._default is None else self._default.name
 

@@ -4,7 +4,9 @@ die, and shut everything down cleanly.
 Timeline of ``rtbserve serve``::
 
     reserve ports ── HTTP, gRPC and metrics ports are bound (SO_REUSEPORT, not listening) so
-                     port 0 resolves once and every worker binds the same port
+                     port 0 resolves once and every worker binds the same port; with
+                     ``port_range`` gRPC/metrics take the range's first free ports, and with
+                     ``skip_unavailable_ports`` a taken one disables that listener (a warning)
     starting ─────── a stand-in HTTP listener answers every request 503 ("starting"), so /ping
                      says "not ready" instead of refusing connections
     prepare ──────── one child process loads every model: compile, verify, autotune into the
@@ -16,7 +18,9 @@ Timeline of ``rtbserve serve``::
     SIGTERM/SIGINT ─ "draining": every worker gets SIGTERM and drains (bounded by
                      drain_timeout_s); stragglers get SIGKILL after a grace; "stopped", exit 0
 
-The supervisor never imports numpy, numba or the models: it stays small and responsive.
+The supervisor never imports numba or the models: it stays small and responsive. As PID 1 (a
+container's first process) ``run_as_init_if_pid1`` puts a minimal init in front of it that
+forwards signals and reaps orphans.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from rtbserve.config import ServerSettings, settings_to_json
+from rtbserve.errors import ConfigError
 from rtbserve.transports.http import HttpResponse, HttpServerState, shutdown, start_http_server
 
 log = logging.getLogger("rtbserve.supervisor")
@@ -57,6 +63,19 @@ def reserve_port(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
+
+
+def is_port_free(host: str, port: int) -> bool:
+    """Whether nobody else listens on ``host:port``. A plain bind (no SO_REUSEPORT) fails on a
+    port another process serves even with SO_REUSEPORT, which ``reserve_port`` would share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 class _StartingApp:
@@ -99,12 +118,18 @@ class Supervisor:
         reserved = [reserve_port(s.host, s.http_port)]
         http_port = reserved[0].getsockname()[1]
         grpc_port = metrics_port = None
+        taken = {http_port}
         if s.grpc_port is not None:
-            reserved.append(reserve_port(s.host, s.grpc_port))
-            grpc_port = reserved[-1].getsockname()[1]
+            sock = self._reserve_side_port("gRPC", s.grpc_port, taken)
+            if sock is not None:
+                reserved.append(sock)
+                grpc_port = sock.getsockname()[1]
+                taken.add(grpc_port)
         if s.metrics_port is not None:
-            reserved.append(reserve_port(s.host, s.metrics_port))
-            metrics_port = reserved[-1].getsockname()[1]
+            sock = self._reserve_side_port("metrics", s.metrics_port, taken)
+            if sock is not None:
+                reserved.append(sock)
+                metrics_port = sock.getsockname()[1]
         resolved = replace(s, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
         self._settings_json = settings_to_json(resolved)
         starting = HttpServerState()
@@ -121,6 +146,32 @@ class Supervisor:
                 sock.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return code
+
+    def _reserve_side_port(self, what: str, port: int, taken: set[int]) -> socket.socket | None:
+        """Reserve the gRPC or metrics port: ``port``, or with ``port_range`` and port 0 the
+        range's first free port outside ``taken``. None (with a warning) when it is unavailable
+        and ``skip_unavailable_ports``; ConfigError otherwise."""
+        s = self.settings
+        if port == 0 and s.port_range is not None:
+            lo, hi = s.port_range
+            for candidate in range(lo, hi + 1):
+                if candidate not in taken and is_port_free(s.host, candidate):
+                    with contextlib.suppress(OSError):
+                        return reserve_port(s.host, candidate)
+            problem = f"no free port in {lo}-{hi} besides {', '.join(map(str, sorted(taken)))}"
+        elif port in taken:
+            problem = f"port {port} is already this server's"
+        elif s.skip_unavailable_ports and not is_port_free(s.host, port):
+            problem = f"port {port} is in use"
+        else:
+            try:
+                return reserve_port(s.host, port)
+            except OSError as exc:
+                problem = f"port {port}: {exc.strerror or exc}"
+        if not s.skip_unavailable_ports:
+            raise ConfigError(f"cannot serve {what}: {problem}")
+        log.warning("serving without %s: %s", what, problem)
+        return None
 
     async def _serve(self, starting: HttpServerState) -> int:
         prepare = asyncio.ensure_future(self._prepare())
@@ -264,6 +315,66 @@ def _describe(code: int) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"code {code}"
+
+
+_FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+def run_as_init_if_pid1(main: Callable[[], int]) -> int:
+    """``main()``'s exit code; as PID 1 (a container's first process), ``main`` runs in a child
+    and this process is a minimal init: it forwards signals to the child and reaps every process.
+
+    Why: PID 1 inherits every orphan (a gcc or model-parsing child left behind by a worker that
+    was killed), and uvloop reaps only the children it started, so orphans would stay zombies;
+    and the kernel drops signals PID 1 has no handler for. Call it before any import that starts
+    threads (numpy's BLAS does): the child is forked.
+    """
+    if os.getpid() != 1:
+        return main()
+    child = 0
+    pending: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if child == 0:
+            pending.append(signum)  # arrived between fork() and knowing the child's pid
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+
+    for sig in _FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    child = os.fork()
+    if child == 0:
+        for sig in _FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        code = 1
+        try:
+            code = main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    for signum in pending:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+    while True:
+        pid, status = os.wait()  # every child, orphans included; retried after a signal
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell
 
 
 def run(settings: ServerSettings) -> int:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rtbserve.config import ServerSettings, settings_from_json
+from rtbserve.config import ServerSettings, parse_log_level, settings_from_json
 from rtbserve.dataplane import DataPlane
 from rtbserve.errors import RtbError
 from rtbserve.metrics import CONTENT_TYPE, WorkerMetrics, render
@@ -72,8 +72,16 @@ async def serve_worker(settings: ServerSettings, slot: int, metrics_dir: Path) -
     dataplane = DataPlane(metrics)  # each model's metrics file exists from the start
     for model_settings, model in load_models(settings):
         dataplane.add(model_settings, model)
+    extra_routes = None
+    if settings.execution_parameters is not None:
+        from rtbserve.sagemaker import http_routes
+
+        extra_routes = http_routes(settings.execution_parameters)
     app = InferenceApp(
-        dataplane, metrics, render_metrics=lambda: (render(metrics_dir), CONTENT_TYPE)
+        dataplane,
+        metrics,
+        render_metrics=lambda: (render(metrics_dir), CONTENT_TYPE),
+        extra_routes=extra_routes,
     )
     limits = HttpLimits(
         max_body_bytes=settings.max_body_bytes,
@@ -133,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     args = sys.argv[1:] if argv is None else argv
+    try:
+        level = parse_log_level(os.environ.get("RTBSERVE_LOG_LEVEL", "WARNING"))
+    except RtbError as exc:
+        print(f"rtbserve: RTBSERVE_LOG_LEVEL: {exc}; using WARNING", file=sys.stderr)
+        level = logging.WARNING
     logging.basicConfig(
-        level=os.environ.get("RTBSERVE_LOG_LEVEL", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
     _die_with_parent()
     try:

@@ -17,16 +17,18 @@ from typing import Any
 import numpy as np
 import orjson
 
-from rtbserve.codecs.csv_codec import _float32_tokens, _float64_to_float32, as_score_array
+from rtbserve.codecs.csv_codec import _float64_to_float32, as_score_array
 from rtbserve.errors import InvalidInput, UnsupportedMediaType
 
+_NEXT_SCORE = b'},{"score":'
+_NEXT_SCORES = b']},{"scores":['
 _FORMS = (
     'expected one of: [[f1, f2, ...], ...], [f1, f2, ...], {"instances": [[...], ...]}, '
     '{"instances": [{"features": [...]}, ...]}, {"features": [...]}'
 )
 
 
-def _rows_of(doc: Any) -> list[Any]:
+def rows_of(doc: Any) -> list[Any]:
     """The list of rows in any accepted form; UnsupportedMediaType for other shapes."""
     if isinstance(doc, dict):
         if "instances" in doc:
@@ -88,23 +90,55 @@ def parse_json_rows(body: bytes, n_features: int) -> np.ndarray:
         doc = orjson.loads(body)  # allocates
     except orjson.JSONDecodeError as exc:
         raise UnsupportedMediaType(f"body is not valid JSON: {exc}") from exc
-    rows = _rows_of(doc)
+    rows = rows_of(doc)
     if not rows:
         raise InvalidInput("no rows in the JSON body")
-    values = None
-    # Fast path: numpy infers a float/int matrix when every row is a list of plain numbers.
-    # Booleans would be coerced silently, so any "true"/"false" in the bytes takes the exact
-    # path, as does any null, string or ragged row (object / str dtype, or an error).
-    if b"true" not in body and b"false" not in body:
+    return json_rows_to_matrix(
+        rows,
+        n_features,
+        may_hold_bools=b"true" in body or b"false" in body,
+        may_hold_strings=body.count(b'"') != _envelope_quotes(doc),
+    )
+
+
+def _envelope_quotes(doc: Any) -> int:
+    """The double quotes the accepted forms' keys account for (-1: unknown), so that any other
+    quote in the body is a string somewhere."""
+    if isinstance(doc, list):
+        return 0
+    if isinstance(doc, dict) and len(doc) == 1:
+        instances = doc.get("instances")
+        if isinstance(instances, list) and instances and isinstance(instances[0], dict):
+            return 2 + 2 * len(instances) if all(len(i) == 1 for i in instances) else -1
+        return 2
+    return -1
+
+
+def json_rows_to_matrix(
+    rows: list[Any], n_features: int, *, may_hold_bools: bool, may_hold_strings: bool
+) -> np.ndarray:
+    """Rows decoded from JSON (a non-empty list of lists) as a float32 C-contiguous matrix.
+
+    ``may_hold_bools`` / ``may_hold_strings``: whether the source text has ``true``/``false`` /
+    strings other than the envelope's keys; NumPy would coerce those silently, so they narrow
+    the fast paths. Raises ``UnsupportedMediaType`` (a row that is not a list; a value that is
+    not a number or null) or ``InvalidInput`` (wrong feature count), naming the row (0-based)
+    and index.
+    """
+    arr = None
+    if not may_hold_bools:  # booleans: every value is checked one by one
+        # Strings possible: numpy infers a float/int matrix only from plain numbers. Numbers and
+        # nulls only: one C-level conversion to float64, null -> NaN.
+        dtype = None if may_hold_strings else np.float64
         try:
-            arr = np.array(rows)  # allocates
+            arr = np.array(rows, dtype=dtype)  # allocates
         except (ValueError, TypeError, OverflowError):
-            arr = None
-        if arr is not None and arr.dtype.kind in "fiu" and arr.ndim == 2:
-            if arr.shape[1] != n_features:
-                raise InvalidInput(f"expected {n_features} features, got {arr.shape[1]}")
-            values = arr.astype(np.float64, copy=False)
-    if values is None:
+            arr = None  # ragged, nested or odd: the exact path says where
+    if arr is not None and arr.dtype.kind in "fiu" and arr.ndim == 2:
+        if arr.shape[1] != n_features:
+            raise InvalidInput(f"expected {n_features} features, got {arr.shape[1]}")
+        values = arr.astype(np.float64, copy=False)
+    else:
         values = _check_rows(rows, n_features)
     return np.ascontiguousarray(_float64_to_float32(values))
 
@@ -118,11 +152,9 @@ def scores_to_json(scores: np.ndarray) -> bytes:
     arr = as_score_array(scores)
     if arr.size == 0:
         return b'{"predictions":[]}'
-    tokens = _float32_tokens(arr.reshape(-1))
-    if not np.isfinite(arr).all():
-        tokens = [b"null" if t in (b"nan", b"inf", b"-inf") else t for t in tokens]
-    if arr.ndim == 1:
-        return b'{"predictions":[{"score":' + b'},{"score":'.join(tokens) + b"}]}"
-    k = arr.shape[1]
-    rows = [b",".join(tokens[i : i + k]) for i in range(0, len(tokens), k)]
-    return b'{"predictions":[{"scores":[' + b']},{"scores":['.join(rows) + b"]}]}"
+    # orjson writes float32 values' shortest text and NaN/+-inf as null: its list is ours
+    dumped = orjson.dumps(arr, option=orjson.OPT_SERIALIZE_NUMPY)  # allocates
+    if arr.ndim == 1:  # "[a,b]" -> {"score":a},{"score":b}
+        return b'{"predictions":[{"score":' + dumped[1:-1].replace(b",", _NEXT_SCORE) + b"}]}"
+    rows = dumped[2:-2].replace(b"],[", _NEXT_SCORES)  # "[[a,b],[c,d]]"
+    return b'{"predictions":[{"scores":[' + rows + b"]}]}"

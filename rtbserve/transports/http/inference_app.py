@@ -4,6 +4,12 @@ Routes: SageMaker's ``GET /ping`` and ``POST /invocations`` (the default model);
 Inference Protocol (KServe v2) REST API under ``/v2``; Prometheus ``GET /metrics``. Thin by
 design: decode with the codecs, call the dataplane, encode. Health and metadata routes answer
 synchronously (no task); inference awaits the micro-batcher.
+
+``/invocations`` takes every content type in ``rtbserve.codecs.DECODERS`` and answers the
+Accept-negotiated type of ``ENCODERS`` (``SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT`` for none or
+``*/*``). With ``SAGEMAKER_INFERENCE_OUTPUT`` set, it answers the selected outputs instead
+(``rtbserve.codecs.selection``) in CSV, JSON, JSON Lines or RecordIO-protobuf; both are read
+once, when the app is built, and a bad value stops the start-up.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from rtbserve import __version__
 from rtbserve.codecs import ENCODERS, decode_rows, encode_scores
 from rtbserve.codecs.media import negotiate
 from rtbserve.codecs.oip_codec import encode_oip_response, parse_oip_request, server_metadata
+from rtbserve.codecs.sagemaker_env import InvocationsOptions, invocations_options_from_env
+from rtbserve.codecs.selection import SELECTION_MEDIA_TYPES, OutputSelection
 from rtbserve.dataplane import DataPlane, ServedModel
-from rtbserve.errors import InvalidInput, ModelNotFound, RtbError
+from rtbserve.errors import ConfigError, InvalidInput, ModelNotFound, RtbError
 from rtbserve.metrics import ModelMetrics, WorkerMetrics, route_index
 from rtbserve.transports.http.protocol import DeferredResponse, HttpRequest, HttpResponse
 
@@ -73,7 +81,9 @@ class InferenceApp:
     """Every HTTP route over one worker's dataplane.
 
     metrics: this worker's metrics; ``render_metrics`` renders the whole server's (every
-    worker's) exposition for ``GET /metrics``.
+    worker's) exposition for ``GET /metrics``. options: the default Accept and selected
+    outputs; None reads them from the SageMaker environment (``ConfigError`` for a bad value, or
+    for selected outputs on a model that does not serve its default predictions).
     """
 
     def __init__(
@@ -81,14 +91,25 @@ class InferenceApp:
         dataplane: DataPlane,
         metrics: WorkerMetrics,
         *,
-        default_accept: str = "text/csv",
+        options: InvocationsOptions | None = None,
         render_metrics: Callable[[], tuple[bytes, str]] | None = None,
         extra_routes: dict[str, Callable[[HttpRequest], HttpResponse]] | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
-        self.default_accept = default_accept
-        self.supported_accept = tuple(ENCODERS)
+        supported = tuple(ENCODERS)
+        if options is None:
+            options = invocations_options_from_env(supported)
+        self.options = options.check(supported)
+        self.default_accept = options.default_accept
+        self.supported_accept = supported
+        self._selections: dict[str, OutputSelection] = {}
+        if options.inference_output is not None:
+            self.supported_accept = tuple(t for t in supported if t in SELECTION_MEDIA_TYPES)
+            for served in dataplane.served_models:  # check every model now: fail at start-up
+                self._selection(served)
+            # selected outputs take their own route; the plain one keeps its hot path untouched
+            self._invocations = self._invocations_selected  # type: ignore[method-assign]
         self._render_metrics = render_metrics
         # exact path -> sync handler, for deployment-specific routes (SageMaker's
         # /execution-parameters); looked up after the hot routes
@@ -232,6 +253,60 @@ class InferenceApp:
         def finish(scores: np.ndarray, failed_open: bool) -> HttpResponse:
             body, media_type = encode_scores(scores, accept)
             response = HttpResponse(200, body, media_type)
+            if attrs is not None:
+                response.headers.append((CUSTOM_ATTRIBUTES, attrs))
+            return response
+
+        return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish)
+
+    def _selection(self, served: ServedModel) -> OutputSelection:
+        """The model's selected outputs (built once per model)."""
+        selection = self._selections.get(served.name)
+        if selection is None:
+            keys = self.options.inference_output or ()
+            if served.settings.output != "probability":
+                raise ConfigError(
+                    f"SAGEMAKER_INFERENCE_OUTPUT derives every value from the model's default "
+                    f"predictions, but model {served.name!r} is served with output="
+                    f"{served.settings.output!r} (rtbserve.toml); remove that setting or unset "
+                    "SAGEMAKER_INFERENCE_OUTPUT"
+                )
+            model = served.model
+            selection = OutputSelection(
+                keys,
+                objective=model.objective,
+                n_outputs=served.n_outputs,
+                is_classifier=bool(model.meta.output.is_classifier),
+                threshold=model.threshold,
+                model_name=served.name,
+            )
+            self._selections[served.name] = selection
+        return selection
+
+    def _invocations_selected(self, request: HttpRequest) -> HttpResponse | DeferredResponse:
+        """``/invocations`` answering the selected outputs (SAGEMAKER_INFERENCE_OUTPUT)."""
+        dp = self.dataplane
+        model_metrics = None
+        try:
+            if not request.body:
+                self.metrics.count_request(_R_INVOCATIONS, "", 204)
+                return _NO_CONTENT
+            served = dp.get(None)
+            model_metrics = served.metrics or self.metrics.model(served.name)
+            dp.check_capacity(served)  # shed before decoding
+            media_type = self._accept(request.headers.get("accept"))
+            encode = self._selection(served).encoder(media_type)
+            t0 = time.perf_counter()
+            rows = decode_rows(
+                request.body, request.headers.get("content-type", "text/csv"), served.n_features
+            )
+            model_metrics.observe_decode_s(time.perf_counter() - t0)
+        except RtbError as exc:
+            return self._failed(exc, _R_INVOCATIONS, model_metrics)
+        attrs = request.headers.get(CUSTOM_ATTRIBUTES)
+
+        def finish(scores: np.ndarray, failed_open: bool) -> HttpResponse:
+            response = HttpResponse(200, encode(scores), media_type)
             if attrs is not None:
                 response.headers.append((CUSTOM_ATTRIBUTES, attrs))
             return response
