@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     _add_load_args(p)
     p.set_defaults(func=cmd_demo)
+    from rtbserve.batch import add_batch_parser
+
+    add_batch_parser(sub)
     return parser
 
 
