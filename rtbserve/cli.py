@@ -244,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_args(p)
     p.set_defaults(func=cmd_demo)
     from rtbserve.batch import add_batch_parser
+    from rtbserve.deploy import add_sagemaker_parser
 
     add_batch_parser(sub)
+    add_sagemaker_parser(sub)
     return parser
 
 
@@ -308,6 +310,9 @@ def _sagemaker_serve(compile_only: bool = False) -> int:
         )
         os.environ["RTBSERVE_LOG_LEVEL"] = str(env.log_level)  # the workers' level
         path = sagemaker.model_dir(env)
+        from rtbserve.deploy import seed_cache
+
+        seed_cache(path)  # model.tar.gz's .rtbserve-cache/ -> the writable RTBSERVE_CACHE_DIR
         settings = sagemaker.server_settings(env, discover_models(path))
         logging.getLogger("rtbserve.cli").info(
             "serving %s: %s", path, ", ".join(m.name for m in settings.models)
