@@ -11,6 +11,7 @@ its file) sets its serving options::
     threshold = 0.5             # label threshold (default: features.json's, else 0.5)
     output = "probability"      # probability | margin | label
     default = true              # the model /invocations serves when the repository has several
+    handler_threads = 1         # threads running its handler script's functions (per worker)
 
     [batching]
     max_batch_rows = 256
@@ -22,6 +23,11 @@ its file) sets its serving options::
     on_overload = true          # also when the queue is full (default: deadline misses only)
 
 Unknown keys are refused, so a typo never silently falls back to a default.
+
+A handler script (``PATH/code/inference.py``, SageMaker's inference-toolkit convention; see
+``rtbserve.handlers``) belongs to the model ``/invocations`` serves: the single model, or a
+repository's default one. A directory whose ``code/`` holds a Python script is one model even
+when it holds no model file rtbserve recognises (the script's ``model_fn`` loads it).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ SETTINGS_FILE = "rtbserve.toml"
 # Never a model of a repository: SageMaker's user-script directory (model.tar.gz's code/), even
 # when it holds a file that looks like a model (a JSON config, say).
 RESERVED_DIR_NAMES = frozenset({"code"})
+HANDLER_DIR = "code"
+DEFAULT_HANDLER_PROGRAM = "inference.py"
 _BACKENDS = ("auto", "numba", "tl2cgen", "xgboost", "lightgbm", "gtil")
 
 
@@ -65,6 +73,8 @@ class ModelSettings:
     is_default: bool = False
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     fail_open: FailOpenSettings | None = None
+    handler_script: Path | None = None  # code/inference.py: see rtbserve.handlers
+    handler_threads: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +136,16 @@ def default_model(models: tuple[ModelSettings, ...]) -> ModelSettings:
 
 
 def discover_models(
-    path: str | os.PathLike[str], *, backend: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    backend: str | None = None,
+    program: str = DEFAULT_HANDLER_PROGRAM,
 ) -> list[ModelSettings]:
-    """The models ``path`` holds (see the module docstring), each with its ``rtbserve.toml``.
+    """The models ``path`` holds (see the module docstring), each with its ``rtbserve.toml``;
+    ``path/code/<program>``, when it exists, is the default model's handler script.
 
     backend: overrides every model's backend (the CLI's ``--backend``) when not None.
+    program: the handler script's path under ``code/`` (SageMaker's SAGEMAKER_PROGRAM).
     """
     from rtbserve.errors import ArtifactError
     from rtbserve.predictors.source import find_model_file
@@ -159,6 +174,8 @@ def discover_models(
                 except ArtifactError:
                     continue  # not a model directory (code/, data, ...)
                 found.append(_model_settings(d.name, d, d))
+            if not found and _holds_scripts(p):
+                found = [_model_settings(p.resolve().name, p, p)]  # the script's model_fn loads it
             if not found:
                 raise ConfigError(
                     f"{str(p)!r} is neither a model directory nor a repository of model "
@@ -169,7 +186,25 @@ def discover_models(
     defaults = [m.name for m in found if m.is_default]
     if len(defaults) > 1:
         raise ConfigError(f"several models are marked default: {', '.join(defaults)}")
-    return found
+    script = find_handler_script(p, program) if p.is_dir() else None
+    return with_handler_script(found, script)
+
+
+def find_handler_script(directory: Path, program: str = DEFAULT_HANDLER_PROGRAM) -> Path | None:
+    """``directory/code/<program>`` when it is a file, else None."""
+    script = directory / HANDLER_DIR / program
+    return script if script.is_file() else None
+
+
+def with_handler_script(models: list[ModelSettings], script: Path | None) -> list[ModelSettings]:
+    """``models`` with ``script`` as the default model's handler script (and no other's)."""
+    default = default_model(tuple(models)) if models else None
+    return [replace(m, handler_script=script if m is default else None) for m in models]
+
+
+def _holds_scripts(directory: Path) -> bool:
+    code = directory / HANDLER_DIR
+    return code.is_dir() and any(code.glob("*.py"))
 
 
 def _model_settings(name: str, path: Path, directory: Path) -> ModelSettings:
@@ -181,7 +216,11 @@ def _model_settings(name: str, path: Path, directory: Path) -> ModelSettings:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{toml_file}: {exc}") from exc
     where = str(toml_file)
-    _check_keys(where, doc, {"backend", "threshold", "output", "default", "batching", "fail_open"})
+    _check_keys(
+        where,
+        doc,
+        {"backend", "threshold", "output", "default", "batching", "fail_open", "handler_threads"},
+    )
     backend = _get(where, doc, "backend", str, "auto")
     if backend not in _BACKENDS:
         raise ConfigError(
@@ -193,6 +232,9 @@ def _model_settings(name: str, path: Path, directory: Path) -> ModelSettings:
     threshold = _get(where, doc, "threshold", float, None)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"{where}: threshold must lie in [0, 1], got {threshold}")
+    handler_threads = _get(where, doc, "handler_threads", int, 1)
+    if not 1 <= handler_threads <= 256:
+        raise ConfigError(f"{where}: handler_threads must lie in 1..256, got {handler_threads}")
     batching = BatchingSettings()
     if "batching" in doc:
         table = _table(where, doc, "batching")
@@ -222,6 +264,7 @@ def _model_settings(name: str, path: Path, directory: Path) -> ModelSettings:
         is_default=_get(where, doc, "default", bool, False),
         batching=batching,
         fail_open=fail_open,
+        handler_threads=handler_threads,
     )
 
 
@@ -267,10 +310,12 @@ def settings_from_json(text: str) -> ServerSettings:
     models = []
     for m in doc.pop("models"):
         fail_open = m.pop("fail_open")
+        script = m.pop("handler_script", None)
         models.append(
             ModelSettings(
                 **{k: v for k, v in m.items() if k not in ("path", "batching")},
                 path=Path(m["path"]),
+                handler_script=None if script is None else Path(script),
                 batching=BatchingSettings(**m["batching"]),
                 fail_open=None if fail_open is None else FailOpenSettings(**fail_open),
             )

@@ -4,6 +4,10 @@ Transports decode a payload into rows, ask the dataplane for the model, ``await 
 and encode what comes back. Errors are ``RtbError`` subclasses; each transport maps their codes
 to its own statuses. Fail-open lives here, so every transport answers a missed deadline (and,
 when configured, a full queue) with the same default decision and the same flag.
+
+A model with a handler script (``rtbserve.handlers``) is added with ``add_handled`` too: its
+``HandledModel`` answers ``/invocations`` (``invocations_handler``). When the script replaces
+the model or the prediction, that is the model's only route; ``get`` says so.
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ class DataPlane:
         self.metrics = metrics  # rtbserve.metrics.WorkerMetrics, or None (tests, tools)
         self._models: dict[str, ServedModel] = {}
         self._default: ServedModel | None = None
+        # name -> rtbserve.handlers.HandledModel; the one /invocations runs, if any
+        self._handled: dict[str, Any] = {}
+        self.invocations_handler: Any = None
         self._ready = False
         self.draining = False
 
@@ -106,16 +113,28 @@ class DataPlane:
             metrics,
         )
         self._models[settings.name] = served
-        if settings.is_default or self._default is None:
+        if settings.is_default or (self._default is None and self.invocations_handler is None):
             self._default = served
         return served
+
+    def add_handled(self, settings: ModelSettings, handled: Any) -> None:
+        """Answer ``/invocations`` for ``settings.name`` with ``handled`` (a
+        ``rtbserve.handlers.HandledModel``) when the model is the default one (marked, or the
+        first added); add its ``ServedModel`` first when it also serves natively."""
+        self._handled[settings.name] = handled
+        if settings.is_default or (self._default is None and self.invocations_handler is None):
+            self.invocations_handler = handled
+            if handled.served is None:
+                self._default = None  # /invocations only: no other route serves it by default
+        elif self._default is not None and self._default.name == settings.name:
+            self.invocations_handler = handled
 
     def mark_ready(self) -> None:
         self._ready = True
 
     @property
     def is_ready(self) -> bool:
-        return self._ready and not self.draining and bool(self._models)
+        return self._ready and not self.draining and bool(self._models or self._handled)
 
     @property
     def model_names(self) -> list[str]:
@@ -138,8 +157,20 @@ class DataPlane:
         served = self._default if not name else self._models.get(name)
         if served is None:
             loaded = ", ".join(self.model_names) or "none"
+            handled = self._handled.get(name or "") or (None if name else self.invocations_handler)
+            if handled is not None:
+                raise ModelNotFound(
+                    f"model {handled.name!r} is served by its handler script "
+                    f"({handled.script.label}) on POST /invocations only; other routes serve: "
+                    f"{loaded}"
+                )
             raise ModelNotFound(f"unknown model {name!r}; loaded: {loaded}")
         return served
+
+    def check_ready(self) -> None:
+        """Raise ``ModelNotReady`` until the worker marked its models ready."""
+        if not self._ready:
+            raise ModelNotReady("models are still loading")
 
     def is_model_ready(self, name: str) -> bool:
         return self.is_ready and name in self._models

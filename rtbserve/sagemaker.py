@@ -6,6 +6,10 @@ of them at once, so a bad value is one clear error (exit 2), never a silent defa
 ``server_settings`` turns the result into the ``ServerSettings`` the supervisor runs, and
 ``http_routes`` gives the workers SageMaker's extra route, ``GET /execution-parameters``.
 
+User scripts: ``BASE/model/code/inference.py`` (or ``code/$SAGEMAKER_PROGRAM``) is the served
+model's handler script (``rtbserve.handlers``), also when the model itself is baked into the
+image and ``BASE/model`` brings only ``code/``.
+
 Ports: HTTP on ``SAGEMAKER_BIND_TO_PORT`` (8080) on every interface. Other listeners must stay
 inside ``SAGEMAKER_SAFE_PORT_RANGE`` when it is set: gRPC and a metrics listener then take the
 first free ports of the range (never the HTTP port). Without the range, gRPC takes 9000 unless
@@ -21,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from rtbserve.config import (
+    DEFAULT_HANDLER_PROGRAM,
+    HANDLER_DIR,
     RESERVED_DIR_NAMES,
     ExecutionParameters,
     ModelSettings,
     ServerSettings,
+    find_handler_script,
     parse_log_level,
+    with_handler_script,
 )
 from rtbserve.errors import ConfigError
 
@@ -62,6 +70,11 @@ ENVIRONMENT = (
     ("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD", "/execution-parameters"),
     ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "6", "/execution-parameters; 0..100"),
     (
+        "SAGEMAKER_PROGRAM",
+        DEFAULT_HANDLER_PROGRAM,
+        "the handler script under the model's code/ (model_fn, input_fn, ...); optional",
+    ),
+    (
         "RTBSERVE_BAKED_MODEL",
         "unset",
         "a model baked into the image, served when BASE/model holds none",
@@ -82,6 +95,7 @@ class SageMakerEnvironment:
     is_batch: bool
     execution_parameters: ExecutionParameters
     baked_model_dir: Path | None = None
+    program: str | None = None  # SAGEMAKER_PROGRAM; None: unset (code/inference.py if present)
 
     @property
     def max_body_bytes(self) -> int:
@@ -117,6 +131,7 @@ def parse_environment(
     payload_mb = reader.integer("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6, 0, BATCH_MAX_PAYLOAD_MB)
     base_dir = reader.path("SAGEMAKER_BASE_DIR") or Path("/opt/ml")
     baked = reader.path("RTBSERVE_BAKED_MODEL")
+    program = reader.program("SAGEMAKER_PROGRAM")
     reader.raise_errors()
     return SageMakerEnvironment(
         base_dir=base_dir,
@@ -132,6 +147,7 @@ def parse_environment(
             max_payload_in_mb=payload_mb,
         ),
         baked_model_dir=baked,
+        program=program,
     )
 
 
@@ -172,8 +188,12 @@ def server_settings(
     Batch Transform (``SAGEMAKER_BATCH``) lifts each model's queue bound: SageMaker already
     bounds the load (MaxConcurrentTransforms requests of at most MaxPayloadInMB), and a shed
     request would fail the job's records instead of protecting a latency target.
+
+    The default model's handler script is ``code/<SAGEMAKER_PROGRAM>`` (default
+    ``inference.py``) of ``BASE/model``, else of the served model directory (a baked model);
+    a SAGEMAKER_PROGRAM that names no file there is a ConfigError.
     """
-    served = tuple(models)
+    served = tuple(with_handler_script(list(models), _handler_script(env)))
     if env.is_batch:
         served = tuple(
             replace(m, batching=replace(m.batching, max_queue_rows=1 << 40)) for m in served
@@ -196,6 +216,28 @@ def server_settings(
         skip_unavailable_ports=True,
         execution_parameters=env.execution_parameters,
     )
+
+
+def _handler_script(env: SageMakerEnvironment) -> Path | None:
+    program = env.program or DEFAULT_HANDLER_PROGRAM
+    places = [env.base_dir / "model"]
+    try:
+        served_dir = model_dir(env)
+    except ConfigError:
+        served_dir = None  # no model at all: discovery already said so
+    if served_dir is not None and served_dir not in places:
+        places.append(served_dir)
+    for place in places:
+        script = find_handler_script(place, program)
+        if script is not None:
+            return script
+    if env.program is not None:
+        where = " nor ".join(str(p / HANDLER_DIR) for p in places)
+        raise ConfigError(
+            f"SAGEMAKER_PROGRAM={env.program!r}: no such script in {where} (SageMaker extracts "
+            "model.tar.gz's code/ directory into the model directory)"
+        )
+    return None
 
 
 def http_routes(params: ExecutionParameters) -> dict[str, Callable[[Any], Any]]:
@@ -319,6 +361,16 @@ class _Reader:
             self._bad(name, raw, " or ".join(BATCH_STRATEGIES))
             return "MULTI_RECORD"
         return value
+
+    def program(self, name: str) -> str | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        parts = Path(raw).parts
+        if Path(raw).is_absolute() or ".." in parts or not raw.endswith(".py"):
+            self._bad(name, raw, "a .py script's path relative to the model's code/ directory")
+            return None
+        return raw
 
     def path(self, name: str) -> Path | None:
         raw = self._raw(name)

@@ -9,7 +9,9 @@ restarted worker never answers 503 while its siblings serve. Then it prints ``re
 health NOT_SERVING), listeners close, in-flight requests finish within ``drain_timeout_s``, exit 0.
 
 ``python -m rtbserve.worker prepare SETTINGS_JSON`` is the supervisor's compile step: load every
-model once (compile, verify, autotune into the cache), print one summary line each, exit.
+model once (compile, verify, autotune into the cache), print one summary line each, exit. It also
+imports and checks each handler script (``rtbserve.handlers``), but never calls ``model_fn``:
+each worker calls it once, before it is ready.
 """
 
 from __future__ import annotations
@@ -33,19 +35,28 @@ from rtbserve.transports.http.inference_app import InferenceApp
 log = logging.getLogger("rtbserve.worker")
 
 
-def load_models(settings: ServerSettings) -> list[tuple[Any, Any]]:
-    """(ModelSettings, Model) for every model in ``settings``; compiles into the cache if needed."""
+def load_models(settings: ServerSettings, *, with_model_fn: bool = False) -> list[tuple[Any, Any]]:
+    """(ModelSettings, model) for every model in ``settings``: rtbserve's Model (compiled into
+    the cache if needed), or what the handler script's ``model_fn`` returns. Handler scripts are
+    imported and checked; a model loaded by ``model_fn`` is left out unless ``with_model_fn``
+    (the workers: prepare and ``serve compile`` never run user model code)."""
     from rtbserve import load_model
 
-    return [
-        (
-            m,
-            load_model(
-                m.path, backend=m.backend, threshold=m.threshold, cache_dir=settings.cache_dir
-            ),
+    loaded = []
+    for m in settings.models:
+        if m.handler_script is not None:
+            from rtbserve import handlers
+
+            script = handlers.load_script(m.handler_script)
+            if script.model_fn is not None:
+                if with_model_fn:
+                    loaded.append((m, handlers.call_model_fn(script, handlers.model_dir_of(m))))
+                continue
+        model = load_model(
+            m.path, backend=m.backend, threshold=m.threshold, cache_dir=settings.cache_dir
         )
-        for m in settings.models
-    ]
+        loaded.append((m, model))
+    return loaded
 
 
 def _say(message: str) -> None:
@@ -70,8 +81,14 @@ async def serve_worker(settings: ServerSettings, slot: int, metrics_dir: Path) -
         loop.add_signal_handler(sig, stop.set)
     metrics = WorkerMetrics(metrics_dir, slot)
     dataplane = DataPlane(metrics)  # each model's metrics file exists from the start
-    for model_settings, model in load_models(settings):
-        dataplane.add(model_settings, model)
+    handled = []
+    for model_settings, model in load_models(settings, with_model_fn=True):
+        if model_settings.handler_script is None:
+            dataplane.add(model_settings, model)
+        else:
+            from rtbserve.handlers import serve_model
+
+            handled.append(serve_model(dataplane, model_settings, model))
     extra_routes = None
     if settings.execution_parameters is not None:
         from rtbserve.sagemaker import http_routes
@@ -124,6 +141,9 @@ async def serve_worker(settings: ServerSettings, slot: int, metrics_dir: Path) -
     await asyncio.gather(*drains)
     if metrics_state is not None:
         await shutdown(metrics_state, 1.0)
+    for h in handled:
+        if h is not None:
+            h.close()
     metrics.close()
     return 0
 
@@ -152,11 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     try:
         if args[0] == "prepare":
-            for model_settings, model in load_models(settings_from_json(args[1])):
+            settings = settings_from_json(args[1])
+            loaded = load_models(settings)
+            for model_settings, model in loaded:
                 _say(
                     f"model {model_settings.name!r}: {model.backend}, "
                     f"{model.n_features} features, {model.verification.summary()}"
                 )
+            compiled = {m.name for m, _ in loaded}
+            for m in settings.models:
+                if m.name not in compiled:
+                    _say(
+                        f"model {m.name!r}: loaded by model_fn ({m.handler_script}) in each worker"
+                    )
             return 0
         if args[0] == "serve":
             settings = settings_from_json(args[1])

@@ -40,9 +40,10 @@ WANT = xgb.Booster(model_file=str(DEMO / "model.json")).inplace_predict(SAMPLE)
 MIB = 1024 * 1024
 CPUS = len(os.sched_getaffinity(0))
 CUSTOM_ATTRIBUTES = "c000b4f9-df62-4c85-a0bf-7c525f9104a4;trace=on,x=1"
-# a file under code/ that sniffs as an XGBoost JSON model: it must not be taken for one
+# a file under code/ that sniffs as an XGBoost JSON model: it must not be taken for one; the
+# script defines no handler function, so rtbserve's defaults serve (tests/test_handlers.py)
 CODE_FILES = {
-    "code/inference.py": b"def model_fn(model_dir):\n    return None\n",
+    "code/inference.py": b"import json  # helpers only: no handler function\n",
     "code/config.json": b'{"threshold": 0.5}\n',
 }
 

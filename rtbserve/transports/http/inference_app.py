@@ -9,14 +9,16 @@ synchronously (no task); inference awaits the micro-batcher.
 Accept-negotiated type of ``ENCODERS`` (``SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT`` for none or
 ``*/*``). With ``SAGEMAKER_INFERENCE_OUTPUT`` set, it answers the selected outputs instead
 (``rtbserve.codecs.selection``) in CSV, JSON, JSON Lines or RecordIO-protobuf; both are read
-once, when the app is built, and a bad value stops the start-up.
+once, when the app is built, and a bad value stops the start-up. When the default model has a
+handler script (``rtbserve.handlers``), ``/invocations`` runs it instead (its own route method,
+chosen once: the plain route's hot path is untouched).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
 import numpy as np
@@ -45,6 +47,7 @@ STATUS_BY_CODE = {
     "model_not_ready": 503,
     "overloaded": 503,
     "deadline_exceeded": 504,
+    "handler_error": 500,
 }
 DEADLINE_HEADER = "x-rtb-deadline-ms"
 FAIL_OPEN_HEADER = "x-rtb-fail-open"
@@ -60,7 +63,9 @@ _R_V2_INFER = route_index("v2_infer")
 
 def error_response(exc: RtbError) -> HttpResponse:
     status = STATUS_BY_CODE.get(exc.code, 500)
-    if status == 500:
+    if exc.code == "handler_error":
+        message = str(exc)  # user code failed: logged where it was caught, with its traceback
+    elif status == 500:
         log.error("unexpected error", exc_info=exc)
         message = "internal error"
     else:
@@ -110,6 +115,14 @@ class InferenceApp:
                 self._selection(served)
             # selected outputs take their own route; the plain one keeps its hot path untouched
             self._invocations = self._invocations_selected  # type: ignore[method-assign]
+        self._handled = dataplane.invocations_handler
+        if self._handled is not None:
+            if options.inference_output is not None:
+                raise ConfigError(
+                    "SAGEMAKER_INFERENCE_OUTPUT selects rtbserve's own outputs, but "
+                    f"{self._handled.script.label} answers /invocations; unset one of them"
+                )
+            self._invocations = self._invocations_handled  # type: ignore[method-assign]
         self._render_metrics = render_metrics
         # exact path -> sync handler, for deployment-specific routes (SageMaker's
         # /execution-parameters); looked up after the hot routes
@@ -312,6 +325,46 @@ class InferenceApp:
             return response
 
         return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish)
+
+    def _invocations_handled(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        """``/invocations`` through the default model's handler script (rtbserve.handlers)."""
+        handled = self._handled
+        model_metrics = handled.metrics or self.metrics.model(handled.name)
+        try:
+            if not request.body:
+                self.metrics.count_request(_R_INVOCATIONS, "", 204)
+                return _NO_CONTENT
+            self.dataplane.check_ready()
+            handled.check_capacity()  # shed before decoding
+            deadline_ms = _deadline_ms(request)
+        except RtbError as exc:
+            return self._failed(exc, _R_INVOCATIONS, model_metrics)
+        deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1e3
+        return self._handled_response(request, model_metrics, deadline)
+
+    async def _handled_response(
+        self, request: HttpRequest, model_metrics: ModelMetrics, deadline: float | None
+    ) -> HttpResponse:
+        headers = request.headers
+        try:
+            body, media_type, failed_open = await self._handled.invoke(
+                request.body,
+                headers.get("content-type", "text/csv"),
+                headers.get("accept"),
+                self.default_accept,
+                deadline,
+            )
+        except RtbError as exc:
+            return self._failed(exc, _R_INVOCATIONS, model_metrics)
+        response = HttpResponse(200, body, media_type)
+        attrs = headers.get(CUSTOM_ATTRIBUTES)
+        if attrs is not None:
+            response.headers.append((CUSTOM_ATTRIBUTES, attrs))
+        if failed_open:
+            model_metrics.count_fail_open()
+            response.headers.append((FAIL_OPEN_HEADER, "1"))
+        model_metrics.request(_R_INVOCATIONS, 200)
+        return response
 
     # -- Open Inference Protocol -----------------------------------------------------------
 
