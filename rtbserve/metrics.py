@@ -231,6 +231,9 @@ def _lock_file(fd: int, path: Path) -> None:
             time.sleep(0.001)
 
 
+_OK_INDEX = STATUSES.index("200")
+
+
 class ModelMetrics:
     """One worker's metrics for one model: the hot-path handle.
 
@@ -306,6 +309,16 @@ class ModelMetrics:
         """Scores -> response bytes, seconds."""
         self._encode[bisect_left(STAGE_BOUNDS_S, s)] += 1
         self._floats[_F_STAGE_SUMS + _ENCODE] += s
+
+    def ok_request(self, route: int, decode_s: float, encode_s: float) -> None:
+        """A request answered 200: ``request(route, 200)``, ``observe_decode_s`` and
+        ``observe_encode_s`` in one call (the transports' hot path)."""
+        self._requests[route * len(STATUSES) + _OK_INDEX] += 1
+        self._decode[bisect_left(STAGE_BOUNDS_S, decode_s)] += 1
+        self._encode[bisect_left(STAGE_BOUNDS_S, encode_s)] += 1
+        floats = self._floats
+        floats[_F_STAGE_SUMS + _DECODE] += decode_s
+        floats[_F_STAGE_SUMS + _ENCODE] += encode_s
 
     def set_queue_rows(self, rows: int) -> None:
         """Rows waiting in this worker's micro-batcher for this model (a gauge: overwritten)."""

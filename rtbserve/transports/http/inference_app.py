@@ -179,23 +179,28 @@ class InferenceApp:
         rows: np.ndarray,
         route: int,
         finish: Callable[[np.ndarray, bool], HttpResponse],
+        decode_s: float,
     ) -> HttpResponse | DeferredResponse:
         """Queue ``rows`` on the model's micro-batcher; ``finish(scores, failed_open)`` builds the
-        response when they are scored (from the batcher's flush: no Task, no future)."""
+        response when they are scored (from the batcher's flush: no Task, no future).
+        decode_s: the decode stage's time, recorded with the outcome."""
         try:
             deadline_ms = _deadline_ms(request)
         except RtbError as exc:
+            model_metrics.observe_decode_s(decode_s)
             return self._failed(exc, route, model_metrics)
         deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1e3
         deferred = DeferredResponse()
 
         def on_scored(scores: np.ndarray | None, exc: BaseException | None) -> None:
-            deferred.resolve(self._scored(served, model_metrics, rows, route, finish, scores, exc))
+            deferred.resolve(
+                self._scored(served, model_metrics, rows, route, finish, decode_s, scores, exc)
+            )
 
         try:
             served.batcher.submit_callback(rows, deadline, on_scored)
         except RtbError as exc:  # shed or already late: answered at once
-            return self._scored(served, model_metrics, rows, route, finish, None, exc)
+            return self._scored(served, model_metrics, rows, route, finish, decode_s, None, exc)
         return deferred
 
     def _scored(
@@ -205,6 +210,7 @@ class InferenceApp:
         rows: np.ndarray,
         route: int,
         finish: Callable[[np.ndarray, bool], HttpResponse],
+        decode_s: float,
         scores: np.ndarray | None,
         exc: BaseException | None,
     ) -> HttpResponse:
@@ -219,10 +225,11 @@ class InferenceApp:
                 model_metrics.count_fail_open()
             t0 = time.perf_counter()
             response = finish(scores, failed_open)  # type: ignore[arg-type]
-            model_metrics.observe_encode_s(time.perf_counter() - t0)
+            encode_s = time.perf_counter() - t0
         except RtbError as error:
+            model_metrics.observe_decode_s(decode_s)
             return self._failed(error, route, model_metrics)
-        model_metrics.request(route, 200)
+        model_metrics.ok_request(route, decode_s, encode_s)
         if failed_open:
             response.headers.append((FAIL_OPEN_HEADER, "1"))
         return response
@@ -258,7 +265,7 @@ class InferenceApp:
             rows = decode_rows(
                 request.body, request.headers.get("content-type", "text/csv"), served.n_features
             )
-            model_metrics.observe_decode_s(time.perf_counter() - t0)
+            decode_s = time.perf_counter() - t0
         except RtbError as exc:
             return self._failed(exc, _R_INVOCATIONS, model_metrics)
         attrs = request.headers.get(CUSTOM_ATTRIBUTES)
@@ -270,7 +277,7 @@ class InferenceApp:
                 response.headers.append((CUSTOM_ATTRIBUTES, attrs))
             return response
 
-        return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish)
+        return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish, decode_s)
 
     def _selection(self, served: ServedModel) -> OutputSelection:
         """The model's selected outputs (built once per model)."""
@@ -313,7 +320,7 @@ class InferenceApp:
             rows = decode_rows(
                 request.body, request.headers.get("content-type", "text/csv"), served.n_features
             )
-            model_metrics.observe_decode_s(time.perf_counter() - t0)
+            decode_s = time.perf_counter() - t0
         except RtbError as exc:
             return self._failed(exc, _R_INVOCATIONS, model_metrics)
         attrs = request.headers.get(CUSTOM_ATTRIBUTES)
@@ -324,7 +331,7 @@ class InferenceApp:
                 response.headers.append((CUSTOM_ATTRIBUTES, attrs))
             return response
 
-        return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish)
+        return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish, decode_s)
 
     def _invocations_handled(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         """``/invocations`` through the default model's handler script (rtbserve.handlers)."""
@@ -424,7 +431,7 @@ class InferenceApp:
             header_length = _header_length(request)
             t0 = time.perf_counter()
             parsed = parse_oip_request(request.body, served.n_features, header_length)
-            model_metrics.observe_decode_s(time.perf_counter() - t0)
+            decode_s = time.perf_counter() - t0
         except RtbError as exc:
             return self._failed(exc, _R_V2_INFER, model_metrics)
 
@@ -437,7 +444,9 @@ class InferenceApp:
             headers = [("Inference-Header-Content-Length", str(json_length))]
             return HttpResponse(200, body, "application/octet-stream", headers)
 
-        return self._submit(request, served, model_metrics, parsed.rows, _R_V2_INFER, finish)
+        return self._submit(
+            request, served, model_metrics, parsed.rows, _R_V2_INFER, finish, decode_s
+        )
 
 
 def _header_length(request: HttpRequest) -> int | None:
