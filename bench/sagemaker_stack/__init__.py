@@ -1,0 +1,1 @@
+"""The SageMaker XGBoost container's serving stack, rebuilt for ``bench.sagemaker``."""
