@@ -192,9 +192,12 @@ class Model:
         return out.reshape(n, self.n_outputs) if self._is_multiclass else out
 
     def _run(self, run: Any, X: np.ndarray, out: np.ndarray, n: int, nthread: int | None) -> None:  # noqa: N803
+        if n < PARALLEL_MIN_ROWS or nthread == 1:  # the serving case: no syscall, no threads
+            run(X, 0, n, out)
+            return
         threads = cpu_count() if nthread is None else nthread
         threads = min(threads, max(1, n // (PARALLEL_MIN_ROWS // 2)))
-        if threads <= 1 or n < PARALLEL_MIN_ROWS:
+        if threads <= 1:
             run(X, 0, n, out)
             return
         bounds = np.linspace(0, n, threads + 1).astype(int)
