@@ -270,7 +270,9 @@ def sagemaker_serve(argv: list[str] | None = None) -> int:
     """SageMaker's ``serve``: ``docker run IMAGE serve`` runs this (the image's ENTRYPOINT), as
     configured by SageMaker's environment (``rtbserve.sagemaker``). ``serve compile`` compiles
     and verifies the model into the cache and exits (the image build bakes a model in with it).
-    Exit 2 on a bad environment, a missing or bad model, or ``train`` (this image only serves)."""
+    With ``SAGEMAKER_MULTI_MODEL=true`` it starts with no model (SageMaker loads them through
+    ``POST /models``). Exit 2 on a bad environment, a missing or bad model, or ``train`` (this
+    image only serves)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["serve"]:  # ENTRYPOINT ["serve"] + SageMaker's "serve" argument
         args = args[1:]
@@ -309,6 +311,14 @@ def _sagemaker_serve(compile_only: bool = False) -> int:
             level=env.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         os.environ["RTBSERVE_LOG_LEVEL"] = str(env.log_level)  # the workers' level
+        if env.multi_model is not None:
+            # models come through POST /models: BASE/model may be empty, nothing to compile
+            if compile_only:
+                print("multi-model endpoint (SAGEMAKER_MULTI_MODEL=true): models load on demand")
+                return 0
+            from rtbserve.supervisor import run
+
+            return run(sagemaker.server_settings(env, []))
         path = sagemaker.model_dir(env)
         from rtbserve.deploy import seed_cache
 

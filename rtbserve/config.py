@@ -100,6 +100,21 @@ class ExecutionParameters:
 
 
 @dataclass(frozen=True, slots=True)
+class MultiModelSettings:
+    """A SageMaker multi-model endpoint (``SAGEMAKER_MULTI_MODEL=true``): models come and go
+    through the management API (``rtbserve.model_registry``) instead of being loaded at start.
+
+    max_models: models loaded at once; a load past it answers 507. None: no bound.
+    memory_budget_mb: resident memory of one worker (each worker holds every model); a load
+    that would start above it, or ends above it, answers 507. None: no bound (a MemoryError
+    during a load still answers 507).
+    """
+
+    max_models: int | None = None
+    memory_budget_mb: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     """One serving run. Ports of 0 pick a free port; ``None`` disables that listener.
 
@@ -108,6 +123,8 @@ class ServerSettings:
     skip_unavailable_ports: a gRPC or metrics port that is taken (or a range with no free port)
     disables that listener with a warning instead of failing the start.
     execution_parameters: when set, HTTP serves ``GET /execution-parameters``.
+    multi_model: when set, the workers serve SageMaker's multi-model API (``/models``) and
+    ``models`` is usually empty.
     """
 
     models: tuple[ModelSettings, ...]
@@ -124,6 +141,7 @@ class ServerSettings:
     port_range: tuple[int, int] | None = None
     skip_unavailable_ports: bool = False
     execution_parameters: ExecutionParameters | None = None
+    multi_model: MultiModelSettings | None = None
 
     @property
     def default_model(self) -> ModelSettings:
@@ -322,10 +340,12 @@ def settings_from_json(text: str) -> ServerSettings:
         )
     port_range = doc.pop("port_range")
     params = doc.pop("execution_parameters")
+    multi_model = doc.pop("multi_model", None)
     return ServerSettings(
         models=tuple(models),
         port_range=None if port_range is None else (int(port_range[0]), int(port_range[1])),
         execution_parameters=None if params is None else ExecutionParameters(**params),
+        multi_model=None if multi_model is None else MultiModelSettings(**multi_model),
         **doc,
     )
 

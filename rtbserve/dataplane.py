@@ -8,6 +8,11 @@ when configured, a full queue) with the same default decision and the same flag.
 A model with a handler script (``rtbserve.handlers``) is added with ``add_handled`` too: its
 ``HandledModel`` answers ``/invocations`` (``invocations_handler``). When the script replaces
 the model or the prediction, that is the model's only route; ``get`` says so.
+
+Models may come and go at runtime (SageMaker multi-model endpoints, ``rtbserve.model_registry``):
+``add`` and ``remove`` run on the loop, between requests. A request keeps the ``ServedModel`` it
+looked up, so one in flight when its model is removed still finishes; the model's memory goes
+when the last such request is answered.
 """
 
 from __future__ import annotations
@@ -72,10 +77,15 @@ class ServedModel:
 
 
 class DataPlane:
-    """Models served by this worker. Not thread-safe: owned by the worker's event loop."""
+    """Models served by this worker. Not thread-safe: owned by the worker's event loop.
 
-    def __init__(self, metrics: Any = None) -> None:
+    multi_model: models are added and removed at runtime (a SageMaker multi-model endpoint):
+    there is no default model (every request names one) and the worker is ready with none.
+    """
+
+    def __init__(self, metrics: Any = None, *, multi_model: bool = False) -> None:
         self.metrics = metrics  # rtbserve.metrics.WorkerMetrics, or None (tests, tools)
+        self.multi_model = multi_model
         self._models: dict[str, ServedModel] = {}
         self._default: ServedModel | None = None
         # name -> rtbserve.handlers.HandledModel; the one /invocations runs, if any
@@ -113,8 +123,21 @@ class DataPlane:
             metrics,
         )
         self._models[settings.name] = served
+        if self.multi_model:
+            return served  # every request names its model
         if settings.is_default or (self._default is None and self.invocations_handler is None):
             self._default = served
+        return served
+
+    def remove(self, name: str) -> ServedModel:
+        """Stop serving ``name``; return its ``ServedModel``. Requests already holding it
+        finish (their batcher keeps flushing); later lookups raise ``ModelNotFound``."""
+        served = self._models.pop(name, None)
+        if served is None:
+            loaded = ", ".join(self.model_names) or "none"
+            raise ModelNotFound(f"unknown model {name!r}; loaded: {loaded}")
+        if self._default is served:
+            self._default = None
         return served
 
     def add_handled(self, settings: ModelSettings, handled: Any) -> None:
@@ -134,7 +157,11 @@ class DataPlane:
 
     @property
     def is_ready(self) -> bool:
-        return self._ready and not self.draining and bool(self._models or self._handled)
+        return (
+            self._ready
+            and not self.draining
+            and (self.multi_model or bool(self._models or self._handled))
+        )
 
     @property
     def model_names(self) -> list[str]:
@@ -163,6 +190,10 @@ class DataPlane:
                     f"model {handled.name!r} is served by its handler script "
                     f"({handled.script.label}) on POST /invocations only; other routes serve: "
                     f"{loaded}"
+                )
+            if not name and self.multi_model:
+                raise ModelNotFound(
+                    f"a multi-model endpoint has no default model: name one; loaded: {loaded}"
                 )
             raise ModelNotFound(f"unknown model {name!r}; loaded: {loaded}")
         return served

@@ -676,6 +676,9 @@ def _primary_container(
             "(docker build --build-arg MODEL_DIR=...), or the endpoint will not start"
         )
     environment = _parse_env(env, "--env", errors)
+    if multi_model:
+        # `serve` turns on the /models API only when told: do not rely on the platform setting it
+        environment.setdefault("SAGEMAKER_MULTI_MODEL", "true")
     if environment:
         _check_env_map(environment, "--env", errors)
         _check_rtbserve_env(environment, "--env", errors)

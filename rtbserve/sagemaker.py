@@ -10,6 +10,11 @@ User scripts: ``BASE/model/code/inference.py`` (or ``code/$SAGEMAKER_PROGRAM``) 
 model's handler script (``rtbserve.handlers``), also when the model itself is baked into the
 image and ``BASE/model`` brings only ``code/``.
 
+Multi-model endpoints (``SAGEMAKER_MULTI_MODEL=true``): no model is loaded at start and
+``BASE/model`` may be empty; SageMaker loads and unloads models through the management API
+(``rtbserve.model_registry``), bounded by ``RTBSERVE_MAX_MODELS`` and
+``RTBSERVE_MEMORY_BUDGET_MB`` (past either, a load answers 507 and SageMaker unloads a model).
+
 Ports: HTTP on ``SAGEMAKER_BIND_TO_PORT`` (8080) on every interface. Other listeners must stay
 inside ``SAGEMAKER_SAFE_PORT_RANGE`` when it is set: gRPC and a metrics listener then take the
 first free ports of the range (never the HTTP port). Without the range, gRPC takes 9000 unless
@@ -30,6 +35,7 @@ from rtbserve.config import (
     RESERVED_DIR_NAMES,
     ExecutionParameters,
     ModelSettings,
+    MultiModelSettings,
     ServerSettings,
     find_handler_script,
     parse_log_level,
@@ -79,6 +85,17 @@ ENVIRONMENT = (
         "unset",
         "a model baked into the image, served when BASE/model holds none",
     ),
+    (
+        "SAGEMAKER_MULTI_MODEL",
+        "false",
+        "true: a multi-model endpoint (POST/GET/DELETE /models, POST /models/NAME/invoke)",
+    ),
+    ("RTBSERVE_MAX_MODELS", "unset", "multi-model: models loaded at once; past it a load is 507"),
+    (
+        "RTBSERVE_MEMORY_BUDGET_MB",
+        "unset",
+        "multi-model: resident MB per worker; a load that would exceed it is 507",
+    ),
 )
 
 
@@ -96,6 +113,7 @@ class SageMakerEnvironment:
     execution_parameters: ExecutionParameters
     baked_model_dir: Path | None = None
     program: str | None = None  # SAGEMAKER_PROGRAM; None: unset (code/inference.py if present)
+    multi_model: MultiModelSettings | None = None  # SAGEMAKER_MULTI_MODEL=true
 
     @property
     def max_body_bytes(self) -> int:
@@ -132,6 +150,11 @@ def parse_environment(
     base_dir = reader.path("SAGEMAKER_BASE_DIR") or Path("/opt/ml")
     baked = reader.path("RTBSERVE_BAKED_MODEL")
     program = reader.program("SAGEMAKER_PROGRAM")
+    is_multi_model = reader.boolean("SAGEMAKER_MULTI_MODEL")
+    bounds = MultiModelSettings(  # checked even when unused: a typo is an error, not a no-op
+        max_models=reader.optional_integer("RTBSERVE_MAX_MODELS", 1, 1_000_000),
+        memory_budget_mb=reader.optional_integer("RTBSERVE_MEMORY_BUDGET_MB", 1, 1 << 30),
+    )
     reader.raise_errors()
     return SageMakerEnvironment(
         base_dir=base_dir,
@@ -148,6 +171,7 @@ def parse_environment(
         ),
         baked_model_dir=baked,
         program=program,
+        multi_model=bounds if is_multi_model else None,
     )
 
 
@@ -192,8 +216,14 @@ def server_settings(
     The default model's handler script is ``code/<SAGEMAKER_PROGRAM>`` (default
     ``inference.py``) of ``BASE/model``, else of the served model directory (a baked model);
     a SAGEMAKER_PROGRAM that names no file there is a ConfigError.
+
+    A multi-model endpoint (``env.multi_model``) starts with ``models`` only (usually none) and
+    no handler script: SageMaker loads the models through the management API.
     """
-    served = tuple(with_handler_script(list(models), _handler_script(env)))
+    if env.multi_model is None:
+        served = tuple(with_handler_script(list(models), _handler_script(env)))
+    else:
+        served = tuple(models)
     if env.is_batch:
         served = tuple(
             replace(m, batching=replace(m.batching, max_queue_rows=1 << 40)) for m in served
@@ -215,6 +245,7 @@ def server_settings(
         port_range=env.safe_port_range,
         skip_unavailable_ports=True,
         execution_parameters=env.execution_parameters,
+        multi_model=env.multi_model,
     )
 
 
@@ -264,7 +295,8 @@ def help_text() -> str:
         "usage: serve [serve | compile]",
         "",
         "Serve the SageMaker model (BASE/model) as SageMaker's hosting and Batch Transform",
-        "contract asks (`serve compile`: compile and verify it into the cache, then exit);",
+        "contract asks (`serve compile`: compile and verify it into the cache, then exit),",
+        "or a multi-model endpoint's models (SAGEMAKER_MULTI_MODEL=true);",
         "configured by the environment only:",
         "",
     ]
@@ -302,6 +334,12 @@ class _Reader:
             self._bad(name, raw, f"an integer in {lo}..{hi}")
             return default
         return value
+
+    def optional_integer(self, name: str, lo: int, hi: int) -> int | None:
+        if self._raw(name) is None:
+            return None
+        value = self.integer(name, -1, lo, hi)
+        return None if value == -1 else value
 
     def seconds(self, name: str) -> float | None:
         raw = self._raw(name)

@@ -18,6 +18,10 @@ Timeline of ``rtbserve serve``::
     SIGTERM/SIGINT ─ "draining": every worker gets SIGTERM and drains (bounded by
                      drain_timeout_s); stragglers get SIGKILL after a grace; "stopped", exit 0
 
+The run directory (``metrics_dir``, private, removed at exit) is shared by every worker: their
+metrics files, and on a SageMaker multi-model endpoint the models registry
+(``rtbserve.model_registry``), so a restarted worker loads the endpoint's models again.
+
 The supervisor never imports numba or the models: it stays small and responsive. As PID 1 (a
 container's first process) ``run_as_init_if_pid1`` puts a minimal init in front of it that
 forwards signals and reaps orphans.

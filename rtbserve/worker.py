@@ -8,6 +8,10 @@ restarted worker never answers 503 while its siblings serve. Then it prints ``re
 (the supervisor's readiness signal). SIGTERM/SIGINT: readiness turns false (``/ping`` 503, gRPC
 health NOT_SERVING), listeners close, in-flight requests finish within ``drain_timeout_s``, exit 0.
 
+On a SageMaker multi-model endpoint (``settings.multi_model``) models come and go at runtime
+through ``rtbserve.model_registry``, whose shared state lives in the run directory (the
+``metrics_dir`` argument) beside the metrics files; the worker checks it every second.
+
 ``python -m rtbserve.worker prepare SETTINGS_JSON`` is the supervisor's compile step: load every
 model once (compile, verify, autotune into the cache), print one summary line each, exit. It also
 imports and checks each handler script (``rtbserve.handlers``), but never calls ``model_fn``:
@@ -80,7 +84,8 @@ async def serve_worker(settings: ServerSettings, slot: int, metrics_dir: Path) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = WorkerMetrics(metrics_dir, slot)
-    dataplane = DataPlane(metrics)  # each model's metrics file exists from the start
+    # each model's metrics file exists from the start
+    dataplane = DataPlane(metrics, multi_model=settings.multi_model is not None)
     handled = []
     for model_settings, model in load_models(settings, with_model_fn=True):
         if model_settings.handler_script is None:
@@ -94,11 +99,19 @@ async def serve_worker(settings: ServerSettings, slot: int, metrics_dir: Path) -
         from rtbserve.sagemaker import http_routes
 
         extra_routes = http_routes(settings.execution_parameters)
+    registry = None
+    if settings.multi_model is not None:
+        from rtbserve.model_registry import ModelRegistry
+
+        registry = ModelRegistry(
+            metrics_dir, dataplane, settings.multi_model, cache_dir=settings.cache_dir
+        )
     app = InferenceApp(
         dataplane,
         metrics,
         render_metrics=lambda: (render(metrics_dir), CONTENT_TYPE),
         extra_routes=extra_routes,
+        models=registry,
     )
     limits = HttpLimits(
         max_body_bytes=settings.max_body_bytes,
@@ -128,10 +141,16 @@ async def serve_worker(settings: ServerSettings, slot: int, metrics_dir: Path) -
             dataplane, settings.host, settings.grpc_port, metrics=metrics
         )
     dataplane.mark_ready()
+    syncing = None
+    if registry is not None:
+        registry.sync()  # a restarted worker loads the endpoint's models again (background)
+        syncing = asyncio.ensure_future(registry.run_periodic_sync())
     if grpc_server is not None:
         grpc_server.set_serving(True)
     _say(f"ready worker {slot} pid {os.getpid()}")
     await stop.wait()
+    if syncing is not None:
+        syncing.cancel()
     dataplane.draining = True
     if grpc_server is not None:
         grpc_server.set_serving(False)
@@ -144,6 +163,8 @@ async def serve_worker(settings: ServerSettings, slot: int, metrics_dir: Path) -
     for h in handled:
         if h is not None:
             h.close()
+    if registry is not None:
+        registry.close()
     metrics.close()
     return 0
 

@@ -427,6 +427,7 @@ CASES: dict[str, tuple[list[str], list[tuple[str, dict[str, Any]]]]] = {
                     "PrimaryContainer": {
                         "Image": IMAGE,
                         "ModelDataUrl": "s3://rtb-models/all/",
+                        "Environment": {"SAGEMAKER_MULTI_MODEL": "true"},
                         "Mode": "MultiModel",
                     },
                 },

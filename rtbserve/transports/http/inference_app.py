@@ -12,6 +12,13 @@ Accept-negotiated type of ``ENCODERS`` (``SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT``
 once, when the app is built, and a bad value stops the start-up. When the default model has a
 handler script (``rtbserve.handlers``), ``/invocations`` runs it instead (its own route method,
 chosen once: the plain route's hot path is untouched).
+
+A SageMaker multi-model endpoint (``models``, a ``rtbserve.model_registry.ModelRegistry``) adds
+the management API on the same port: ``POST /models`` ``{"model_name", "url"}``, ``GET /models
+[?limit=&next_page_token=]``, ``GET /models/NAME``, ``DELETE /models/NAME`` and ``POST
+/models/NAME/invoke`` (the formats of ``/invocations``). ``/invocations`` itself answers 400
+there: SageMaker invokes ``/models/NAME/invoke``, and ``X-Amzn-SageMaker-Target-Model`` holds
+the model's S3 path, not its name, so it only goes to the log.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
 
 import numpy as np
 import orjson
@@ -30,10 +38,14 @@ from rtbserve.codecs.media import negotiate
 from rtbserve.codecs.oip_codec import encode_oip_response, parse_oip_request, server_metadata
 from rtbserve.codecs.sagemaker_env import InvocationsOptions, invocations_options_from_env
 from rtbserve.codecs.selection import SELECTION_MEDIA_TYPES, OutputSelection
+from rtbserve.config import ModelSettings
 from rtbserve.dataplane import DataPlane, ServedModel
 from rtbserve.errors import ConfigError, InvalidInput, ModelNotFound, RtbError
 from rtbserve.metrics import ModelMetrics, WorkerMetrics, route_index
 from rtbserve.transports.http.protocol import DeferredResponse, HttpRequest, HttpResponse
+
+if TYPE_CHECKING:
+    from rtbserve.model_registry import ModelRegistry
 
 log = logging.getLogger("rtbserve.http")
 
@@ -48,6 +60,8 @@ STATUS_BY_CODE = {
     "overloaded": 503,
     "deadline_exceeded": 504,
     "handler_error": 500,
+    "model_already_loaded": 409,
+    "insufficient_memory": 507,
 }
 DEADLINE_HEADER = "x-rtb-deadline-ms"
 FAIL_OPEN_HEADER = "x-rtb-fail-open"
@@ -59,6 +73,9 @@ _NO_CONTENT = HttpResponse(204)
 _JSON = "application/json"
 _R_INVOCATIONS = route_index("invocations")
 _R_V2_INFER = route_index("v2_infer")
+TARGET_MODEL = "x-amzn-sagemaker-target-model"
+_MAX_PAGE = 1000
+_DEFAULT_PAGE = 100
 
 
 def error_response(exc: RtbError) -> HttpResponse:
@@ -88,7 +105,8 @@ class InferenceApp:
     metrics: this worker's metrics; ``render_metrics`` renders the whole server's (every
     worker's) exposition for ``GET /metrics``. options: the default Accept and selected
     outputs; None reads them from the SageMaker environment (``ConfigError`` for a bad value, or
-    for selected outputs on a model that does not serve its default predictions).
+    for selected outputs on a model that does not serve its default predictions). models: a
+    multi-model endpoint's registry: serve the ``/models`` API (see the module docstring).
     """
 
     def __init__(
@@ -99,6 +117,7 @@ class InferenceApp:
         options: InvocationsOptions | None = None,
         render_metrics: Callable[[], tuple[bytes, str]] | None = None,
         extra_routes: dict[str, Callable[[HttpRequest], HttpResponse]] | None = None,
+        models: ModelRegistry | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
@@ -128,6 +147,11 @@ class InferenceApp:
         # /execution-parameters); looked up after the hot routes
         self._extra_routes = dict(extra_routes or {})
         self._accept_cache: dict[str | None, str] = {}
+        self._models = models
+        if models is not None:
+            models.validators.append(self._check_servable)
+            models.removed.append(self._forget_model)
+            self._invocations = self._invocations_multi_model  # type: ignore[method-assign]
 
     def _accept(self, header: str | None) -> str:
         # clients send the same few Accept values: negotiate each once, not per request
@@ -152,6 +176,8 @@ class InferenceApp:
             return self._v2(request, path)
         if path == "/metrics":
             return self.metrics_response(request)
+        if self._models is not None and path.startswith("/models"):
+            return self._models_api(request, path)
         extra = self._extra_routes.get(path)
         if extra is not None:
             response = extra(request)
@@ -373,6 +399,201 @@ class InferenceApp:
         model_metrics.request(_R_INVOCATIONS, 200)
         return response
 
+    # -- SageMaker multi-model endpoints -----------------------------------------------------
+
+    def _invocations_multi_model(self, request: HttpRequest) -> HttpResponse:
+        """``/invocations`` on a multi-model endpoint: no default model to answer with."""
+        return self._failed(
+            InvalidInput(
+                "this is a multi-model endpoint (SAGEMAKER_MULTI_MODEL=true): invoke a model "
+                "with POST /models/NAME/invoke"
+            ),
+            _R_INVOCATIONS,
+            None,
+        )
+
+    def _check_servable(self, settings: ModelSettings) -> None:
+        """Refuse, before it is registered, a model the selected outputs cannot serve."""
+        if self.options.inference_output is not None and settings.output != "probability":
+            raise InvalidInput(
+                f"SAGEMAKER_INFERENCE_OUTPUT derives every value from the model's default "
+                f"predictions, but model {settings.name!r} is served with output="
+                f"{settings.output!r} (rtbserve.toml)"
+            )
+
+    def _forget_model(self, name: str) -> None:
+        self._selections.pop(name, None)  # a reload under this name may differ
+
+    def _managed(self, response: HttpResponse) -> HttpResponse:
+        self.metrics.count_request("other", "", response.status)
+        return response
+
+    def _models_api(
+        self, request: HttpRequest, path: str
+    ) -> HttpResponse | DeferredResponse | Awaitable[HttpResponse]:
+        if path != "/models" and not path.startswith("/models/"):
+            return self._managed(_not_found(path))
+        parts = [unquote(p) for p in path.split("/")[2:]]  # "/models/a/invoke" -> ["a", "invoke"]
+        if parts and parts[-1] == "":
+            parts.pop()  # tolerate a trailing slash
+        method = request.method
+        if len(parts) == 2 and parts[1] == "invoke":
+            if method != "POST":
+                return _method_not_allowed("POST")
+            return self._model_invoke(request, parts[0])
+        if not parts:
+            if method == "POST":
+                return self._model_load(request)
+            if method in ("GET", "HEAD"):
+                return self._managed(self._model_list(request))
+            return _method_not_allowed("GET, POST")
+        if len(parts) == 1:
+            if method in ("GET", "HEAD"):
+                return self._managed(self._model_describe(parts[0]))
+            if method == "DELETE":
+                return self._managed(self._model_unload(request, parts[0]))
+            return _method_not_allowed("GET, DELETE")
+        return self._managed(_not_found(path))
+
+    async def _model_load(self, request: HttpRequest) -> HttpResponse:
+        assert self._models is not None
+        try:
+            name, url = _load_request(request.body)
+            entry = await self._models.load(name, url)
+        except RtbError as exc:
+            return self._managed(error_response(exc))
+        log.info(
+            "loaded model %r from %s (target model %s)",
+            name,
+            url,
+            request.headers.get(TARGET_MODEL, "-"),
+        )
+        body = {"modelName": entry.name, "modelUrl": entry.url, "status": "loaded"}
+        return self._managed(HttpResponse(200, orjson.dumps(body), _JSON))
+
+    def _model_list(self, request: HttpRequest) -> HttpResponse:
+        assert self._models is not None
+        try:
+            query = parse_qs(request.query, keep_blank_values=True)
+            limit = _query_int(query, "limit", _DEFAULT_PAGE, 1, _MAX_PAGE)
+            start = _query_int(query, "next_page_token", 0, 0, 1 << 62)
+        except RtbError as exc:
+            return error_response(exc)
+        self._models.sync()
+        entries = self._models.entries
+        page = entries[start : start + limit]
+        doc: dict[str, Any] = {"models": [{"modelName": e.name, "modelUrl": e.url} for e in page]}
+        if start + limit < len(entries):
+            doc["nextPageToken"] = str(start + limit)
+        return HttpResponse(200, orjson.dumps(doc), _JSON)
+
+    def _model_describe(self, name: str) -> HttpResponse:
+        assert self._models is not None
+        try:
+            self._models.sync()
+            entry = self._models.entry(name)
+        except RtbError as exc:
+            return error_response(exc)
+        return HttpResponse(
+            200, orjson.dumps({"modelName": entry.name, "modelUrl": entry.url}), _JSON
+        )
+
+    def _model_unload(self, request: HttpRequest, name: str) -> HttpResponse:
+        assert self._models is not None
+        try:
+            entry = self._models.unload(name)
+        except RtbError as exc:
+            return error_response(exc)
+        log.info(
+            "unloaded model %r (target model %s)", name, request.headers.get(TARGET_MODEL, "-")
+        )
+        body = {"modelName": entry.name, "modelUrl": entry.url, "status": "unloaded"}
+        return HttpResponse(200, orjson.dumps(body), _JSON)
+
+    def _model_invoke(
+        self, request: HttpRequest, name: str
+    ) -> HttpResponse | DeferredResponse | Awaitable[HttpResponse]:
+        """``POST /models/NAME/invoke``: as ``/invocations``, for the named model."""
+        assert self._models is not None
+        self._models.sync()  # one integer comparison unless a model came or went
+        try:
+            served = self.dataplane.get(name)
+        except ModelNotFound:  # not here yet (registered by another worker), or unknown
+            return self._invoke_when_loaded(request, name)
+        except RtbError as exc:
+            return self._failed(exc, _R_INVOCATIONS, None)
+        prepared = self._prepare_invoke(request, served)
+        if prepared.__class__ is HttpResponse:
+            return prepared  # type: ignore[return-value]
+        model_metrics, rows, decode_s, finish = prepared  # type: ignore[misc]
+        return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish, decode_s)
+
+    async def _invoke_when_loaded(self, request: HttpRequest, name: str) -> HttpResponse:
+        """The first invoke of a model this worker has not loaded yet: load it (from the
+        compile cache), then score through its micro-batcher."""
+        assert self._models is not None
+        try:
+            served = await self._models.served(name)
+        except RtbError as exc:
+            return self._failed(exc, _R_INVOCATIONS, None)
+        prepared = self._prepare_invoke(request, served)
+        if isinstance(prepared, HttpResponse):
+            return prepared
+        model_metrics, rows, decode_s, finish = prepared
+        try:
+            deadline_ms = _deadline_ms(request)
+        except RtbError as exc:
+            model_metrics.observe_decode_s(decode_s)
+            return self._failed(exc, _R_INVOCATIONS, model_metrics)
+        deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1e3
+        scores, error = None, None
+        try:
+            scores = await served.batcher.submit(rows, deadline)
+        except Exception as exc:  # answered by _scored: fail-open, error status or 500
+            error = exc
+        return self._scored(
+            served, model_metrics, rows, _R_INVOCATIONS, finish, decode_s, scores, error
+        )
+
+    def _prepare_invoke(
+        self, request: HttpRequest, served: ServedModel
+    ) -> (
+        HttpResponse
+        | tuple[ModelMetrics, np.ndarray, float, Callable[[np.ndarray, bool], HttpResponse]]
+    ):
+        """Shed, negotiate and decode an invoke: (metrics, rows, decode seconds, finish), or
+        the response when it ends here (empty body, error)."""
+        model_metrics = served.metrics or self.metrics.model(served.name)
+        try:
+            if not request.body:
+                self.metrics.count_request(_R_INVOCATIONS, "", 204)
+                return _NO_CONTENT
+            self.dataplane.check_capacity(served)  # shed before decoding
+            media_type = self._accept(request.headers.get("accept"))
+            selected = None
+            if self.options.inference_output is not None:
+                selected = self._selection(served).encoder(media_type)
+            t0 = time.perf_counter()
+            rows = decode_rows(
+                request.body, request.headers.get("content-type", "text/csv"), served.n_features
+            )
+            decode_s = time.perf_counter() - t0
+        except RtbError as exc:
+            return self._failed(exc, _R_INVOCATIONS, model_metrics)
+        attrs = request.headers.get(CUSTOM_ATTRIBUTES)
+
+        def finish(scores: np.ndarray, failed_open: bool) -> HttpResponse:
+            if selected is None:
+                body, out_type = encode_scores(scores, media_type)
+            else:
+                body, out_type = selected(scores), media_type
+            response = HttpResponse(200, body, out_type)
+            if attrs is not None:
+                response.headers.append((CUSTOM_ATTRIBUTES, attrs))
+            return response
+
+        return model_metrics, rows, decode_s, finish
+
     # -- Open Inference Protocol -----------------------------------------------------------
 
     def _v2(self, request: HttpRequest, path: str) -> HttpResponse | DeferredResponse:
@@ -447,6 +668,38 @@ class InferenceApp:
         return self._submit(
             request, served, model_metrics, parsed.rows, _R_V2_INFER, finish, decode_s
         )
+
+
+def _load_request(body: bytes) -> tuple[str, str]:
+    """``POST /models``'s body -> (model_name, url); ``InvalidInput`` for anything else."""
+    from rtbserve.model_registry import check_model_name
+
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"expected a JSON object {{model_name, url}}, got bad JSON: {exc}"
+        ) from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"expected a JSON object {{model_name, url}}, got {type(doc).__name__}")
+    url = doc.get("url")
+    if not isinstance(url, str) or not url:
+        raise InvalidInput(f"url must be a non-empty string (the model's directory), got {url!r}")
+    return check_model_name(doc.get("model_name")), url
+
+
+def _query_int(query: dict[str, list[str]], key: str, default: int, lo: int, hi: int) -> int:
+    values = query.get(key)
+    if not values:
+        return default
+    raw = values[-1]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise InvalidInput(f"{key} must be an integer in {lo}..{hi}, got {raw!r}")
+    return value
 
 
 def _header_length(request: HttpRequest) -> int | None:
