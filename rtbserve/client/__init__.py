@@ -12,15 +12,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from rtbserve.client._common import Prediction
     from rtbserve.client._errors import ConnectionFailed, RequestTimedOut, error_for_code
     from rtbserve.client.grpc import AsyncGrpcClient, GrpcClient
-    from rtbserve.client.http import AsyncHttpClient, HttpClient, Prediction
+    from rtbserve.client.http import AsyncHttpClient, HttpClient
 
 # public name -> module that defines it
 _EXPORTS = {
     "HttpClient": "rtbserve.client.http",
     "AsyncHttpClient": "rtbserve.client.http",
-    "Prediction": "rtbserve.client.http",
+    "Prediction": "rtbserve.client._common",
     "GrpcClient": "rtbserve.client.grpc",
     "AsyncGrpcClient": "rtbserve.client.grpc",
     "ConnectionFailed": "rtbserve.client._errors",

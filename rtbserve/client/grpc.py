@@ -34,12 +34,13 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
 from rtbserve._proto.predictor_pb2 import PredictRequest, PredictResponse
+from rtbserve.client._common import Prediction, rows_to_matrix
 from rtbserve.client._errors import ConnectionFailed, error_for_code
 from rtbserve.errors import (
     DeadlineExceeded,
@@ -74,30 +75,7 @@ _CLASS_BY_STATUS: dict[grpc.StatusCode, type[RtbError]] = {
 }
 
 
-class Prediction(NamedTuple):
-    """Scores and whether they are the server's fail-open default decision."""
-
-    scores: np.ndarray
-    """float32, shape (n,) or (n, K)."""
-    is_fail_open: bool
-
-
 # --------------------------------------------------------------------------- payloads
-
-
-def rows_to_matrix(rows: ArrayLike) -> np.ndarray:
-    """``rows`` as float32 (n, F), C-contiguous; one flat row becomes (1, F). NaN = missing."""
-    try:
-        matrix = np.asarray(rows, dtype=_F32)  # allocates unless already float32
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"rows must be numbers in an (n, F) shape: {exc}") from exc
-    if matrix.ndim == 1:
-        matrix = matrix.reshape(1, -1)
-    elif matrix.ndim != 2:
-        raise InvalidInput(f"expected one row or an (n, F) matrix, got shape {matrix.shape}")
-    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
-        raise InvalidInput(f"expected at least one row of at least one feature, got {matrix.shape}")
-    return matrix
 
 
 def encode_request(

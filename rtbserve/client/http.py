@@ -46,15 +46,16 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import httptools
 import numpy as np
 import orjson
 
+from rtbserve.client._common import Prediction, rows_to_matrix
 from rtbserve.client._errors import ConnectionFailed, RequestTimedOut, error_for_code
-from rtbserve.errors import InvalidInput, RtbError
+from rtbserve.errors import RtbError
 
 if TYPE_CHECKING:
     import asyncio
@@ -81,43 +82,11 @@ _NEG_INF = float("-inf")
 _Answer = tuple[int, bytes, bytes, bool, bool]
 
 
-class Prediction(NamedTuple):
-    """Scores and what the server said about them (``predict_with_info``)."""
-
-    scores: np.ndarray
-    """float32, shape (n,) or (n, K)."""
-    is_fail_open: bool
-    """True when the server answered with its configured default decision (``x-rtb-fail-open``)
-    instead of scoring, e.g. because the deadline could not be met."""
-
-
 class _ClosedBeforeAnswer(ConnectionFailed):
     """The connection ended before any byte of the answer: safe to resend on a new one."""
 
 
 # --------------------------------------------------------------------------- payloads
-
-
-def rows_to_matrix(rows: ArrayLike) -> np.ndarray:
-    """Rows as a float32 C-contiguous (n, F) array; one flat row becomes (1, F).
-
-    ``rows``: any array-like of numbers; ``None`` entries in lists become NaN. Raises
-    ``InvalidInput`` for non-numbers, ragged rows, no rows, no features or more than two
-    dimensions.
-    """
-    try:
-        matrix = np.asarray(rows, dtype=np.float32)  # allocates unless already float32
-    except (TypeError, ValueError) as exc:  # strings, ragged rows
-        raise InvalidInput(f"rows must be numbers in an (n, F) shape: {exc}") from exc
-    if matrix.ndim == 1:
-        matrix = matrix.reshape(1, -1)
-    elif matrix.ndim != 2:
-        raise InvalidInput(f"expected one row or an (n, F) matrix, got shape {matrix.shape}")
-    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
-        raise InvalidInput(f"expected at least one row of at least one feature, got {matrix.shape}")
-    if not matrix.flags.c_contiguous:
-        matrix = np.ascontiguousarray(matrix)  # allocates
-    return matrix
 
 
 def _has_inf(matrix: np.ndarray) -> bool:
