@@ -276,9 +276,14 @@ class InferenceApp:
 
     # -- SageMaker -------------------------------------------------------------------------
 
-    def _invocations(self, request: HttpRequest) -> HttpResponse | DeferredResponse:
+    def _invocations(
+        self, request: HttpRequest, selected: bool = False
+    ) -> HttpResponse | DeferredResponse:
+        """``/invocations`` on the default model; ``selected``: answer the outputs
+        SAGEMAKER_INFERENCE_OUTPUT names instead of the scores."""
         dp = self.dataplane
         model_metrics = None
+        encode_selected = None
         try:
             if not request.body:
                 self.metrics.count_request(_R_INVOCATIONS, "", 204)
@@ -287,6 +292,8 @@ class InferenceApp:
             model_metrics = served.metrics or self.metrics.model(served.name)
             dp.check_capacity(served)  # shed before decoding
             accept = self._accept(request.headers.get("accept"))
+            if selected:
+                encode_selected = self._selection(served).encoder(accept)
             t0 = time.perf_counter()
             rows = decode_rows(
                 request.body, request.headers.get("content-type", "text/csv"), served.n_features
@@ -297,7 +304,10 @@ class InferenceApp:
         attrs = request.headers.get(CUSTOM_ATTRIBUTES)
 
         def finish(scores: np.ndarray, failed_open: bool) -> HttpResponse:
-            body, media_type = encode_scores(scores, accept)
+            if encode_selected is None:
+                body, media_type = encode_scores(scores, accept)
+            else:
+                body, media_type = encode_selected(scores), accept
             response = HttpResponse(200, body, media_type)
             if attrs is not None:
                 response.headers.append((CUSTOM_ATTRIBUTES, attrs))
@@ -331,33 +341,8 @@ class InferenceApp:
 
     def _invocations_selected(self, request: HttpRequest) -> HttpResponse | DeferredResponse:
         """``/invocations`` answering the selected outputs (SAGEMAKER_INFERENCE_OUTPUT)."""
-        dp = self.dataplane
-        model_metrics = None
-        try:
-            if not request.body:
-                self.metrics.count_request(_R_INVOCATIONS, "", 204)
-                return _NO_CONTENT
-            served = dp.get(None)
-            model_metrics = served.metrics or self.metrics.model(served.name)
-            dp.check_capacity(served)  # shed before decoding
-            media_type = self._accept(request.headers.get("accept"))
-            encode = self._selection(served).encoder(media_type)
-            t0 = time.perf_counter()
-            rows = decode_rows(
-                request.body, request.headers.get("content-type", "text/csv"), served.n_features
-            )
-            decode_s = time.perf_counter() - t0
-        except RtbError as exc:
-            return self._failed(exc, _R_INVOCATIONS, model_metrics)
-        attrs = request.headers.get(CUSTOM_ATTRIBUTES)
-
-        def finish(scores: np.ndarray, failed_open: bool) -> HttpResponse:
-            response = HttpResponse(200, encode(scores), media_type)
-            if attrs is not None:
-                response.headers.append((CUSTOM_ATTRIBUTES, attrs))
-            return response
-
-        return self._submit(request, served, model_metrics, rows, _R_INVOCATIONS, finish, decode_s)
+        # the class attribute: this instance's ``_invocations`` is this very method
+        return InferenceApp._invocations(self, request, selected=True)
 
     def _invocations_handled(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         """``/invocations`` through the default model's handler script (rtbserve.handlers)."""
