@@ -324,11 +324,10 @@ class HttpProtocol(asyncio.Protocol):
         parts = self._body_parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         path, _, query = self._url.partition(b"?")
-        query = query.partition(b"#")[0]
         request = HttpRequest(
             self._method,
             path.decode("latin-1"),
-            query.decode("latin-1"),
+            query.partition(b"#")[0].decode("latin-1") if query else "",
             self._headers,
             body,
             self._keep_alive,
