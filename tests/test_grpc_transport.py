@@ -855,3 +855,35 @@ def test_model_infer_rejects_malformed_requests(
     err = rpc_error(lambda: kserve.ModelInfer(req, timeout=WAIT_S))
     assert err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
     assert match in err.details()
+
+
+class _ScoresThatCannotBeEncoded:
+    """A model whose scores are not numbers: encoding them fails with a non-rtbserve error."""
+
+    n_features = N_FEATURES
+    n_outputs = 1
+    backend = "broken"
+
+    def predict(self, rows: Any, **kw: Any) -> Any:
+        return np.array(["not a score"] * len(rows), dtype=object)
+
+
+def test_an_unexpected_encoding_failure_answers_internal_and_the_stream_ends(
+    serve: Callable[..., GrpcServerThread], model: Any
+) -> None:
+    srv = serve(
+        [(settings("broken"), _ScoresThatCannotBeEncoded()), (settings("rtb-filter"), model)]
+    )
+    rows = demo_rows(2, seed=8)
+    requests = [
+        request(rows[0], request_id="bad", model="broken"),
+        request(rows[1], request_id="good", model="rtb-filter"),
+    ]
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = PredictorStub(ch)
+        answers = {a.request_id: a for a in stub.PredictStream(iter(requests), timeout=WAIT_S)}
+        assert answers["bad"].error.code == grpc.StatusCode.INTERNAL.value[0]
+        np.testing.assert_array_equal(scores_of(answers["good"]), model.predict(rows[1:2]))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(requests[0], timeout=WAIT_S)
+        assert info.value.code() == grpc.StatusCode.INTERNAL

@@ -533,3 +533,44 @@ def test_binary_formats_decode_a_batch_faster_than_the_model_scores_it(demo_mode
     t0 = time.perf_counter()
     decode_rows(npy, "application/x-npy", 67)
     assert time.perf_counter() - t0 < model_s / 5
+
+
+class _ScoresThatCannotBeEncoded:
+    """A model whose scores are not numbers: encoding them fails with a non-rtbserve error."""
+
+    n_features = 67
+    n_outputs = 1
+    backend = "broken"
+
+    def predict(self, rows: Any, **kw: Any) -> Any:
+        return np.array(["not a score"] * len(rows), dtype=object)
+
+
+def test_an_unexpected_encoding_failure_is_a_500_not_a_hung_request(
+    demo_model: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "metrics").mkdir()
+    metrics = WorkerMetrics(tmp_path / "metrics", 0)
+    dataplane = DataPlane(metrics)
+    dataplane.add(ModelSettings(name="broken", path=DEMO), _ScoresThatCannotBeEncoded())
+    dataplane.add(ModelSettings(name="rtb-filter", path=DEMO), demo_model)
+    dataplane.mark_ready()
+    server = ServerThread(InferenceApp(dataplane, metrics), HttpLimits())  # type: ignore[arg-type]
+    server.start()
+    try:
+        with client_for(server) as client:
+            row = b",".join(b"0" for _ in range(67))
+            r = client.post("/invocations", content=row, headers={"content-type": "text/csv"})
+            assert r.status_code == 500 and r.json()["message"] == "internal error"
+            ok = client.post(
+                "/v2/models/rtb-filter/infer",
+                json={"inputs": [{"name": "input-0", "shape": [1, 67], "datatype": "FP32",
+                                  "data": [0.0] * 67}]},
+            )  # fmt: skip
+            assert ok.status_code == 200
+            assert ok.json()["outputs"][0]["data"][0] == pytest.approx(
+                float(demo_model.predict(np.zeros((1, 67), np.float32))[0]), abs=1e-6
+            )
+    finally:
+        server.stop()
+        metrics.close()

@@ -311,7 +311,11 @@ class _PredictStream:
                 self._fail(request_id, served.name, served, error)
                 return
             failed_open = True
-        response = encode_scores(request_id, served.name, scores, failed_open)  # type: ignore[arg-type]
+        try:
+            response = encode_scores(request_id, served.name, scores, failed_open)  # type: ignore[arg-type]
+        except Exception as error:  # a bug in scoring or encoding: this message fails, once
+            self._fail(request_id, served.name, served, error)
+            return
         self._deliver(response, served, _OK, "", failed_open)
 
     def _fail(

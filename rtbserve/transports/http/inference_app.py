@@ -244,8 +244,7 @@ class InferenceApp:
         try:
             if exc is not None:
                 if not isinstance(exc, RtbError):
-                    log.error("scoring failed for model %r", served.name, exc_info=exc)
-                    raise RtbError("internal error") from exc
+                    raise exc
                 scores = self.dataplane.fail_open(served, rows.shape[0], exc)
                 failed_open = True
                 model_metrics.count_fail_open()
@@ -255,6 +254,11 @@ class InferenceApp:
         except RtbError as error:
             model_metrics.observe_decode_s(decode_s)
             return self._failed(error, route, model_metrics)
+        except Exception as error:  # a bug in scoring or encoding: one 500, logged once
+            model_metrics.observe_decode_s(decode_s)
+            internal = RtbError(f"scoring or encoding failed for model {served.name!r}")
+            internal.__cause__ = error
+            return self._failed(internal, route, model_metrics)
         model_metrics.ok_request(route, decode_s, encode_s)
         if failed_open:
             response.headers.append((FAIL_OPEN_HEADER, "1"))
