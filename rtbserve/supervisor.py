@@ -194,26 +194,30 @@ class Supervisor:
         first_exit = asyncio.ensure_future(
             asyncio.wait(monitors, return_when=asyncio.FIRST_COMPLETED)
         )
-        await asyncio.wait([all_ready, stop, first_exit], return_when=asyncio.FIRST_COMPLETED)
-        await shutdown(starting, 1.0)
-        if first_exit.done() and not all_ready.done():
-            # a worker failed before every worker was ready: a start-up error, not a crash
+        try:
+            await asyncio.wait([all_ready, stop, first_exit], return_when=asyncio.FIRST_COMPLETED)
+            await shutdown(starting, 1.0)
+            if first_exit.done() and not all_ready.done():
+                # a worker failed before every worker was ready: a start-up error, not a crash
+                self.stopping = True
+                await self._stop_workers()
+                await asyncio.gather(*monitors, return_exceptions=True)
+                _say("stopped: a worker failed to start")
+                return 2
+            if all_ready.done():
+                _say(f"ready: {len(self.workers)} workers")
+            await stop
+            _say("draining")
             self.stopping = True
             await self._stop_workers()
             await asyncio.gather(*monitors, return_exceptions=True)
-            _say("stopped: a worker failed to start")
-            return 2
-        if all_ready.done():
-            _say(f"ready: {len(self.workers)} workers")
-        await stop
-        _say("draining")
-        self.stopping = True
-        all_ready.cancel()
-        first_exit.cancel()
-        await self._stop_workers()
-        await asyncio.gather(*monitors, return_exceptions=True)
-        _say("stopped")
-        return 0
+            _say("stopped")
+            return 0
+        finally:
+            # the helper futures are retrieved here, whichever way we leave
+            for helper in (all_ready, first_exit, stop):
+                helper.cancel()
+            await asyncio.gather(all_ready, first_exit, stop, return_exceptions=True)
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)

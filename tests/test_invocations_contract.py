@@ -476,7 +476,7 @@ def test_served_process_reads_the_sagemaker_environment(session_cache: Path) -> 
 def test_a_bad_environment_stops_the_start_with_a_clear_message(session_cache: Path) -> None:
     env = {"SAGEMAKER_INFERENCE_OUTPUT": "predicted_label,probabilty"}
     server = ServerProcess(
-        None, "--backend", "numba", workers=1, grpc=False, cache_dir=session_cache, env=env
+        None, "--backend", "numba", workers=2, grpc=False, cache_dir=session_cache, env=env
     ).launch()
     try:
         line = server.wait_for(lambda s: s.startswith(("ready:", "stopped")), 120)
@@ -484,6 +484,7 @@ def test_a_bad_environment_stops_the_start_with_a_clear_message(session_cache: P
         code = server.stop()
     assert line.startswith("stopped") and code != 0
     assert "unknown key 'probabilty'; valid keys: predicted_label" in server.stderr
+    assert "Traceback" not in server.stderr  # the supervisor stops cleanly, nothing left dangling
 
 
 # --------------------------------------------------------------------------- performance
