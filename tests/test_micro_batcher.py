@@ -90,6 +90,30 @@ def test_batches_form_earliest_deadline_first_and_respect_max_rows():
     assert sorted(order[2:]) == [1.0, 2.0]
 
 
+def test_requests_without_a_deadline_go_after_every_deadline_in_arrival_order():
+    kernel = CountingKernel()
+    order: list[float] = []
+
+    async def main():
+        b = MicroBatcher(kernel, max_batch_rows=2)
+        now = time.monotonic()
+        futures = [
+            b.submit(rows_of(1.0)),  # no deadline
+            b.submit(rows_of(2.0), deadline=now + 9),
+            b.submit(rows_of(3.0)),  # no deadline
+            b.submit(rows_of(4.0), deadline=now + 5),  # the earliest deadline
+            b.submit(rows_of(5.0)),  # no deadline
+        ]
+        for fut in asyncio.as_completed(futures):
+            order.append(float((await fut)[0]) - 1.0)
+
+    run(main())
+    # batches of 2 rows: the two deadlines (earliest first), then the rest as they came
+    assert kernel.calls == [2, 2, 1]
+    assert order[:2] in ([4.0, 2.0], [2.0, 4.0]) and order[2:4] in ([1.0, 3.0], [3.0, 1.0])
+    assert order[4] == 5.0
+
+
 def test_expired_request_is_not_computed():
     kernel = CountingKernel()
     clock = {"now": 100.0}

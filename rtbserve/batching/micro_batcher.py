@@ -34,8 +34,8 @@ import asyncio
 import heapq
 import itertools
 import logging
-import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 class _Pending:
     """One queued request. ``future`` (``submit``) or ``callback`` (``submit_callback``) gets
-    the answer; heap entries are ``(deadline, seq, pending)`` tuples."""
+    the answer."""
 
     __slots__ = ("rows", "future", "callback", "abandoned", "enqueued")
 
@@ -132,7 +132,9 @@ class MicroBatcher:
         self._clock = clock
         self._metrics = metrics
         self._loop: asyncio.AbstractEventLoop | None = None  # bound on the first submit
-        self._heap: list[_Pending] = []
+        # queued requests: (deadline, seq, pending) with a deadline, in a heap; the rest in order
+        self._heap: list[tuple[float, int, _Pending]] = []
+        self._fifo: deque[_Pending] = deque()
         self._seq = itertools.count()
         self._queue_rows = 0
         self._flush_scheduled = False
@@ -193,13 +195,14 @@ class MicroBatcher:
                 f"queue full: {self._queue_rows} rows waiting (limit {self.max_queue_rows})"
             )
         now = self._clock()
-        due = math.inf if deadline is None else deadline
-        if due <= now:
+        if deadline is not None and deadline <= now:
             self.stats.deadline_misses += 1
             raise DeadlineExceeded("deadline already passed on arrival")
-        heapq.heappush(
-            self._heap, (due, next(self._seq), _Pending(rows, fut, callback, abandoned, now))
-        )
+        pending = _Pending(rows, fut, callback, abandoned, now)
+        if deadline is None:
+            self._fifo.append(pending)  # no deadline: sorts after every deadline, in order
+        else:
+            heapq.heappush(self._heap, (deadline, next(self._seq), pending))
         self._queue_rows += n
         if not self._flush_scheduled and not self._busy:
             self._flush_scheduled = True
@@ -208,15 +211,16 @@ class MicroBatcher:
     # -- internals -----------------------------------------------------------------------------
 
     def _take_batch(self) -> list[_Pending]:
+        """Earliest deadline first: the heap, then the FIFO of requests with no deadline."""
         now = self._clock()
         batch: list[_Pending] = []
         rows = 0
+        max_rows = self.max_batch_rows
         heap = self._heap
-        metrics = self._metrics
         while heap:
             deadline, _, head = heap[0]
             n = head.rows.shape[0]
-            if batch and rows + n > self.max_batch_rows:
+            if batch and rows + n > max_rows:
                 break
             heapq.heappop(heap)
             self._queue_rows -= n
@@ -228,9 +232,23 @@ class MicroBatcher:
                 continue
             batch.append(head)
             rows += n
-            if metrics is not None:
-                metrics.observe_queue_s(now - head.enqueued)
+        fifo = self._fifo
+        while fifo:
+            head = fifo[0]
+            n = head.rows.shape[0]
+            if batch and rows + n > max_rows:
+                break
+            fifo.popleft()
+            self._queue_rows -= n
+            if head.is_abandoned():
+                continue
+            batch.append(head)
+            rows += n
+        metrics = self._metrics
         if metrics is not None:
+            observe = metrics.observe_queue_s
+            for p in batch:
+                observe(now - p.enqueued)
             metrics.set_queue_rows(self._queue_rows)
         return batch
 
@@ -256,7 +274,7 @@ class MicroBatcher:
                 if self._metrics is not None:
                     self._metrics.observe_predict_s(time.perf_counter() - t0, n)
                 _answer(batch, scores)
-            if self._heap:
+            if self._queue_rows:
                 self._schedule_flush(after_busy=False)
             return
         loop = self._loop or self._bind_loop()
@@ -275,7 +293,7 @@ class MicroBatcher:
             if self._metrics is not None:
                 self._metrics.observe_predict_s(time.perf_counter() - t0, n)
             _answer(batch, fut.result())
-        if self._heap:
+        if self._queue_rows:
             self._schedule_flush(after_busy=True)
 
     def _schedule_flush(self, *, after_busy: bool) -> None:
