@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +28,9 @@ from grpc_testutil import (
     settings,
     watch_submits,
 )
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from rtbserve._proto.predictor_pb2 import PredictRequest, PredictResponse
 from rtbserve.client import AsyncGrpcClient, ConnectionFailed, GrpcClient
@@ -40,6 +44,7 @@ from rtbserve.errors import (
     Overloaded,
     RtbError,
 )
+from rtbserve.transports.grpc.predictor_service import Undecodable, parse_predict_request
 from rtbserve.transports.grpc.wire import packed_floats, varint
 
 BIG_ROWS = 600
@@ -110,6 +115,64 @@ def test_packed_floats_and_varints() -> None:
     head = PredictResponse(request_id="r", n_outputs=2).SerializeToString()
     parsed = PredictResponse.FromString(head + packed_floats(2, scores))
     assert list(parsed.scores) == [0, 1, 2, 3, 4, 5] and parsed.request_id == "r"
+
+
+_FLOATS32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+def _unpacked(field_number: int, values: list[float]) -> bytes:
+    return b"".join(varint(field_number << 3 | 5) + struct.pack("<f", v) for v in values)
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(_FLOATS32, max_size=40),
+    request_id=st.text(max_size=8),
+    model_name=st.text(max_size=8),
+    n_features=st.integers(0, 2**32 - 1),
+    split=st.integers(0, 40),
+    encoding=st.sampled_from(["packed", "split", "unpacked", "mixed"]),
+)
+def test_the_raw_rows_view_parses_exactly_as_protobuf(
+    values: list[float],
+    request_id: str,
+    model_name: str,
+    n_features: int,
+    split: int,
+    encoding: str,
+) -> None:
+    # differential: parse_predict_request + decode_rows against upb's own PredictRequest
+    head = PredictRequest(
+        request_id=request_id, model=model_name, n_features=n_features
+    ).SerializeToString()
+    vals = np.array(values, dtype=np.float32)
+    cut = min(split, len(values))
+    if encoding == "packed":
+        data = head + packed_floats(3, vals)
+    elif encoding == "split":  # a packed field in two chunks: parsers concatenate them
+        data = packed_floats(3, vals[:cut]) + head + packed_floats(3, vals[cut:])
+    elif encoding == "unpacked":
+        data = head + _unpacked(3, list(vals))
+    else:
+        data = packed_floats(3, vals[:cut]) + _unpacked(3, list(vals[cut:])) + head
+    expected = PredictRequest.FromString(data)
+    parsed = parse_predict_request(data)
+    assert (parsed.request_id, parsed.model, parsed.n_features) == (
+        expected.request_id,
+        expected.model,
+        expected.n_features,
+    )
+    got = parsed.rows
+    got = np.frombuffer(got, np.float32) if isinstance(got, bytes) else np.array(got, np.float32)
+    want = np.array(expected.rows, np.float32)
+    assert got.tobytes() == want.tobytes()  # bit for bit: NaN payloads and -0.0 included
+
+
+def test_the_raw_rows_view_reports_malformed_bytes() -> None:
+    good = PredictRequest(request_id="r", rows=[1.0, 2.0]).SerializeToString()
+    for bad in (good[:-3], b"\x1a\x10\x00", b"\xff\xff\xff"):
+        parsed = parse_predict_request(bad)
+        assert isinstance(parsed, Undecodable) and parsed.n_bytes == len(bad)
 
 
 @pytest.mark.parametrize(

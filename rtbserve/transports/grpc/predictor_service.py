@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from functools import partial
 from time import perf_counter
@@ -51,14 +52,21 @@ from rtbserve.transports.grpc.status import (
     status_for,
     status_number,
 )
-from rtbserve.transports.grpc.wire import packed_floats
+from rtbserve.transports.grpc.wire import (
+    RAW_VIEW_WORKS,
+    packed_floats,
+    parse_with_raw_view,
+    raw_view_class,
+)
 
 SERVICE_NAME = "rtbserve.v1.Predictor"
 MAX_STREAM_IN_FLIGHT = 1024
 _F32 = np.dtype(np.float32)
 _SCORES_FIELD = PredictResponse.DESCRIPTOR.fields_by_name["scores"].number
 _OK = grpc.StatusCode.OK
+_RAW_REQUEST = raw_view_class(PredictRequest, "rows")
 _END = object()  # queued by the stream's reader when it stops
+_EOF = grpc.aio.EOF
 _DRAINING_MESSAGE = "server is shutting down; open a new stream (unanswered requests were not read)"
 
 
@@ -75,8 +83,13 @@ class Undecodable:
 
 
 def parse_predict_request(data: bytes) -> PredictRequest | Undecodable:
-    """gRPC request deserializer: the message, or ``Undecodable`` instead of raising."""
+    """gRPC request deserializer: the message, or ``Undecodable`` instead of raising.
+
+    The message's ``rows`` are usually the packed values as ``bytes`` (see ``wire.py``'s raw
+    view); ``decode_rows`` takes either form."""
     try:
+        if RAW_VIEW_WORKS:
+            return parse_with_raw_view(data, _RAW_REQUEST, PredictRequest, "rows")
         return PredictRequest.FromString(data)
     except DecodeError as exc:
         return Undecodable(str(exc), len(data))
@@ -129,7 +142,8 @@ class PredictorService:
         if request.n_features and request.n_features != n_features:
             raise InvalidInput(f"expected {n_features} features, got {request.n_features}")
         values = request.rows
-        n_values = len(values)
+        is_raw = values.__class__ is bytes
+        n_values = len(values) // 4 if is_raw else len(values)
         n_rows, extra = divmod(n_values, n_features)
         if extra or not n_rows:
             raise InvalidInput(
@@ -137,7 +151,8 @@ class PredictorService:
                 f"got {n_values}"
             )
         self._dataplane.check_capacity(served, n_rows)
-        # upb's repeated field hands numpy its buffer: one copy, no Python floats
+        if is_raw:  # the wire bytes themselves, read-only: no copy
+            return np.frombuffer(values, dtype=_F32).reshape(n_rows, n_features)
         return np.array(values, dtype=_F32).reshape(n_rows, n_features)  # allocates
 
     async def Predict(  # noqa: N802 - gRPC method name
@@ -180,7 +195,7 @@ class PredictorService:
         stream = _PredictStream(self, context)
         self._streams.add(stream)
         try:
-            await stream.run(requests)
+            await stream.run()  # reads with context.read(), not ``requests``
         finally:
             self._streams.discard(stream)
 
@@ -216,29 +231,46 @@ class _PredictStream:
     writer. After the call ends (client cancel, drain) late answers are dropped.
     """
 
-    __slots__ = ("_service", "_context", "_answers", "_is_done", "_in_flight", "_room", "_reader")
+    __slots__ = (
+        "_service",
+        "_context",
+        "_answers",
+        "_waiter",
+        "_is_done",
+        "_in_flight",
+        "_room",
+        "_reader",
+    )
 
     def __init__(self, service: PredictorService, context: grpc.aio.ServicerContext) -> None:
         self._service = service
         self._context = context
-        self._answers: asyncio.Queue[Any] = asyncio.Queue()
+        # answers to write, in the order they became ready; the writer parks on ``_waiter``
+        # (a bare future, cheaper than an asyncio.Queue) only when it runs out
+        self._answers: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._is_done = False
         self._in_flight = 0  # messages read whose answer is not yet written
         self._room = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
-    async def run(self, requests: AsyncIterator[PredictRequest | Undecodable]) -> None:
+    async def run(self) -> None:
         answers = self._answers
         write = self._context.write
         limit = self._service.max_stream_in_flight
         room = self._room
         room.set()
-        reader = self._reader = asyncio.get_running_loop().create_task(self._read(requests))
-        reader.add_done_callback(lambda _: answers.put_nowait(_END))
+        loop = asyncio.get_running_loop()
+        reader = self._reader = loop.create_task(self._read())
+        reader.add_done_callback(lambda _: self._put(_END))
         is_reading = True
         try:
             while is_reading or self._in_flight:
-                answer = await answers.get()
+                if not answers:
+                    waiter = self._waiter = loop.create_future()
+                    await waiter
+                    continue
+                answer = answers.popleft()
                 if answer is _END:
                     is_reading = False
                     continue
@@ -256,6 +288,14 @@ class _PredictStream:
             status, message, code = status_for(exc)
             await self._context.abort(status, message, trailing_metadata=((ERROR_CODE_KEY, code),))
 
+    def _put(self, answer: Any) -> None:
+        self._answers.append(answer)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _has_ended(self) -> bool:
         return self._is_done
 
@@ -263,11 +303,15 @@ class _PredictStream:
         if self._reader is not None:
             self._reader.cancel()
 
-    async def _read(self, requests: AsyncIterator[PredictRequest | Undecodable]) -> None:
+    async def _read(self) -> None:
         model_for = self._service.model_for
         decode_rows = self._service.decode_rows
         limit = self._service.max_stream_in_flight
-        async for request in requests:
+        read = self._context.read  # cheaper than the request iterator's async generator
+        while True:
+            request = await read()
+            if request is _EOF:
+                return
             self._in_flight += 1
             request_id = request.request_id
             served = None
@@ -338,4 +382,4 @@ class _PredictStream:
         record_outcome(
             self._service.metrics, ROUTE_GRPC_PREDICT_STREAM, served, status, code, failed_open
         )
-        self._answers.put_nowait(response)
+        self._put(response)
