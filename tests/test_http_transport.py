@@ -54,6 +54,8 @@ class EchoApp:
             return self._async_boom()
         if path == "/hang":
             return self._hang(request)
+        if path == "/headers":
+            return HttpResponse(200, json.dumps(request.headers).encode(), "application/json")
         self.sync_tasks.append(asyncio.current_task())
         return self._echo(request, "sync")
 
@@ -243,6 +245,25 @@ def test_sync_handler_runs_without_a_task(server: ServerThread) -> None:
         assert client.get("/a").status_code == 200
         assert client.get("/b").status_code == 200
     assert server.app.sync_tasks == [None, None]
+
+
+def test_header_names_are_lower_cased_and_repeats_joined_whatever_names_clients_send(
+    server: ServerThread,
+) -> None:
+    from rtbserve.transports.http import protocol
+
+    with server.connect() as sock:
+        for batch in range(3):  # 1,500 distinct names: more than the name cache holds
+            extra = "".join(f"X-Name-{batch}-{i}: v{i}\r\n" for i in range(500))
+            extra += "Accept: a\r\nACCEPT: b\r\nContent-Type: Text/CSV\r\n"
+            sock.sendall(request_bytes("GET", "/headers", extra=extra))
+            (response,) = read_responses(sock, 1)
+            headers = json.loads(response.body)
+            assert headers[f"x-name-{batch}-499"] == "v499"
+            assert headers["accept"] == "a, b"
+            assert headers["content-type"] == "Text/CSV"  # names fold case, values do not
+            assert len(headers) == 500 + 4  # + host, content-length
+    assert len(protocol._HEADER_NAMES) <= protocol._HEADER_NAMES_MAX
 
 
 # -- pipelining and flow control ---------------------------------------------------------------

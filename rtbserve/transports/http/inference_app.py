@@ -210,12 +210,13 @@ class InferenceApp:
         """Queue ``rows`` on the model's micro-batcher; ``finish(scores, failed_open)`` builds the
         response when they are scored (from the batcher's flush: no Task, no future).
         decode_s: the decode stage's time, recorded with the outcome."""
-        try:
-            deadline_ms = _deadline_ms(request)
-        except RtbError as exc:
-            model_metrics.observe_decode_s(decode_s)
-            return self._failed(exc, route, model_metrics)
-        deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1e3
+        deadline = None
+        if DEADLINE_HEADER in request.headers:
+            try:
+                deadline = time.monotonic() + _deadline_ms(request) / 1e3  # type: ignore[operator]
+            except RtbError as exc:
+                model_metrics.observe_decode_s(decode_s)
+                return self._failed(exc, route, model_metrics)
         deferred = DeferredResponse()
 
         def on_scored(scores: np.ndarray | None, exc: BaseException | None) -> None:

@@ -43,6 +43,10 @@ from rtbserve.transports.http.wire import CONTINUE_100, encode_response, error_b
 
 log = logging.getLogger(__name__)
 
+# header name as sent -> lower-case str; clients repeat the same few names on every request
+_HEADER_NAMES: dict[bytes, str] = {}
+_HEADER_NAMES_MAX = 1024  # bounds what clients sending random names can make it hold
+
 
 @dataclass(slots=True)
 class HttpRequest:
@@ -166,6 +170,7 @@ class HttpProtocol(asyncio.Protocol):
     ) -> None:
         self._handle = app.handle
         self._limits = limits
+        self._max_pipelined = limits.max_pipelined
         self._state = state
         self._loop = loop
         self._transport: asyncio.Transport | None = None
@@ -276,10 +281,17 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._limits.max_header_bytes:
             self._reject_headers_too_large()
-        key = name.decode("latin-1").lower()
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_HEADER_NAMES) < _HEADER_NAMES_MAX:
+                _HEADER_NAMES[name] = key
         text = value.decode("latin-1")
-        previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous}, {text}"
+        headers = self._headers
+        if key in headers:
+            headers[key] = f"{headers[key]}, {text}"
+        else:
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -364,7 +376,8 @@ class HttpProtocol(asyncio.Protocol):
             slot.task = task = asyncio.ensure_future(result, loop=self._loop)
             task.add_done_callback(functools.partial(self._on_handler_done, slot, request))
             self._queue.append(slot)
-        self._update_reading()
+        if len(self._queue) >= self._max_pipelined or self._is_reading_paused:
+            self._update_reading()  # (paused writing already paused reading)
 
     def _encode(self, response: HttpResponse, request: HttpRequest, close: bool) -> bytes:
         try:
@@ -405,6 +418,17 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_deferred_done(self, slot: _Slot, request: HttpRequest, response: HttpResponse) -> None:
         if self._is_lost or slot.data is not None:
+            return
+        queue = self._queue
+        if len(queue) == 1 and queue[0] is slot and not slot.close:
+            # the common case, one response in flight: write it now (what _flush would do)
+            queue.pop()
+            self._transport.write(self._encode(response, request, False))  # type: ignore[union-attr]  # syscall
+            self._last_activity = self._loop.time()
+            if self._state.is_shutting_down and not self._in_message:
+                self._close()
+            elif self._is_reading_paused:
+                self._update_reading()
             return
         slot.data = self._encode(response, request, slot.close)
         self._flush()
