@@ -4,7 +4,7 @@ Usage::
 
     python -m bench.serving [--quick] [--repeats N] [--workers N] [--ref-procs N]
                             [--client auto|h2load|python] [--h2load-threads N]
-                            [--client-procs N] [--json PATH]
+                            [--open-client c|python] [--client-procs N] [--json PATH]
 
 One run starts three servers as subprocesses (waiting for their readiness lines, never
 sleeping): ``rtbserve serve`` on the bundled demo model, the trivial uvloop + httptools HTTP
@@ -14,13 +14,17 @@ order alternates between repeats). The closed-loop rows (a, c, d) use h2load (``
 when it is installed: for gRPC, the Python generator's own CPU per message is as large as the
 servers', so on 2 shared cores those rows would measure the client. Without h2load
 (``apt-get install nghttp2-client``) they fall back to ``bench.loadgen`` and say so. Row b is
-always the Python open-loop generator (h2load has no open-loop latency).
+driven by the C open-loop client (``bench/loadgen/openloop.c``, built with gcc on first use;
+h2load has no open-loop latency, and the Python generator's ~29 us of CPU per request would
+take most of a core at row b's rate); ``--open-client python`` (or no gcc) uses the Python
+open-loop generator instead.
 
     a. HTTP ``/invocations``, one demo CSV row, closed loop at 64 connections: rtbserve req/s over
        the trivial HTTP server's (bar >= 0.50), and each server's CPU per request (rtbserve's
        bar <= 25 us).
-    b. Open loop (Poisson) at half of rtbserve's max rate from (a): p50/p99 (bar p99 <= 2 ms); the
-       trivial server at the same rate shows the floor of this client on this machine.
+    b. Open loop (Poisson) at half of rtbserve's max rate from (a), same connections as (a):
+       p50/p99 from each request's intended send time (bar p99 <= 2 ms); the trivial server at
+       the same rate shows the floor of this client on this machine.
     c. gRPC unary ``Predict``: rtbserve over the trivial grpc.aio server (bar >= 0.75).
     d. gRPC ``PredictStream`` messages/s over rtbserve's unary calls/s (bar >= 3x). With h2load,
        each stream carries 64 messages and half-closes; the server answers all 64, then ends it.
@@ -65,6 +69,13 @@ from bench.h2load import (
     run_h2load,
 )
 from bench.loadgen import LoadSpec, demo_grpc_target, demo_http_target, run_load
+from bench.loadgen.native import CLIENT_NAME as OPENLOOP_C
+from bench.loadgen.native import (
+    NativeClientError,
+    build_openloop,
+    openloop_available,
+    run_openloop,
+)
 from bench.loadgen.stats import fmt_ms, fmt_rate
 from bench.loadgen.targets import (
     PREDICT_METHOD,
@@ -103,6 +114,8 @@ class Config:
     ref_procs: int
     client_procs: int  # Python load generator processes (row b; a, c, d without h2load)
     client: str = "h2load"
+    open_client: str = "c"  # row b: "c" (bench/loadgen/openloop.c) or "python"
+    openloop_exe: str = ""  # the built C client, when open_client is "c"
     http_connections: int = 64
     # h2load threads: at ~10 us per HTTP request one thread could drive ~100k req/s, more than
     # either server reaches on what is left of the 2 cores; a second one made no difference
@@ -120,7 +133,9 @@ class Config:
     batcher_calls: int = 20_000
 
     @classmethod
-    def make(cls, args: argparse.Namespace, client: str) -> Config:
+    def make(
+        cls, args: argparse.Namespace, client: str, open_client: str = "c", exe: str = ""
+    ) -> Config:
         quick = bool(args.quick)
         return cls(
             quick=quick,
@@ -131,6 +146,8 @@ class Config:
             ref_procs=args.ref_procs,
             client_procs=args.client_procs,
             client=client,
+            open_client=open_client,
+            openloop_exe=exe,
             h2load_threads=args.h2load_threads,
             batcher_calls=5_000 if quick else 20_000,
         )
@@ -138,6 +155,11 @@ class Config:
     @property
     def uses_h2load(self) -> bool:
         return self.client == "h2load"
+
+    @property
+    def open_client_label(self) -> str:
+        """Row b's client as the table names it."""
+        return OPENLOOP_C if self.open_client == "c" else "python"
 
 
 # --------------------------------------------------------------------------- servers
@@ -239,24 +261,31 @@ def _slim(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(
-    label: str, target: Any, spec: LoadSpec, pid: int, log: list[dict[str, Any]]
+    label: str,
+    target: Any,
+    spec: LoadSpec,
+    pid: int,
+    log: list[dict[str, Any]],
+    load: Callable[..., dict[str, Any]] = run_load,
+    client: str = "python",
 ) -> dict[str, Any]:
-    """One ``bench.loadgen`` run; a failure is logged as ``{"error": ...}``, not raised."""
+    """One ``bench.loadgen`` run (or ``load``, e.g. the C open-loop client); a failure is logged
+    as ``{"error": ...}``, not raised."""
     print(f"    {label:<34s}", end="", flush=True)
     try:
-        res = run_load(target, spec, server_pid=pid)
+        res = load(target, spec, server_pid=pid)
     except Exception as exc:  # keep the run going: report what failed
         print(f"FAILED: {exc}", flush=True)
         res = {"error": f"{type(exc).__name__}: {exc}"}
     else:
-        res["client"] = "python"
+        res["client"] = client
         lat = res["latency_ms"]
         unit = "msg" if target.kind == "grpc-stream" else "req"
         print(
             f"{fmt_rate(res['achieved_rate']):>7} {unit}/s  p50 {fmt_ms(lat['p50'])} "
             f"p99 {fmt_ms(lat['p99'])} ms  errors {res['errors_total']}  "
             f"server {res['server_cpu_us_per_request']:.0f} us/{unit}  "
-            f"python client {res['client_cpu_us_per_request']:.0f} us/{unit}"
+            f"{client} client {res['client_cpu_us_per_request']:.0f} us/{unit}"
             + (
                 f" (lag p99 {fmt_ms(res['dispatch_lag_ms']['p99'])} ms)"
                 if res["mode"] == "rate"
@@ -334,6 +363,19 @@ def _run_h2(
     return res
 
 
+def open_loader(cfg: Config) -> tuple[Callable[..., dict[str, Any]], str]:
+    """Row b's runner and client name: the C open-loop client (one process, the spec's
+    connections) or the Python generator (``cfg.client_procs`` processes)."""
+    if cfg.open_client != "c":
+        return run_load, "python"
+    exe = Path(cfg.openloop_exe) if cfg.openloop_exe else None
+
+    def load(target: Any, spec: LoadSpec, *, server_pid: int) -> dict[str, Any]:
+        return run_openloop(target, spec, server_pid=server_pid, exe=exe)
+
+    return load, OPENLOOP_C
+
+
 def one_repeat(
     i: int, cfg: Config, rtb: Rtbserve, ref_http: tuple[int, int], ref_grpc: tuple[int, int]
 ) -> dict[str, Any]:
@@ -374,13 +416,18 @@ def one_repeat(
     out["open_rate"] = rate
     if rate > 0:
         open_spec = spec_for(cfg, mode="rate", rate=rate, arrivals="poisson")
+        load, who = open_loader(cfg)
         pair(
             "open",
-            lambda: _run(f"b  rtbserve open {fmt_rate(rate)}/s", rtb_http, open_spec, rtb.pid, log),
             lambda: _run(
-                f"b  reference open {fmt_rate(rate)}/s", ref_http_t, open_spec, ref_http[0], log
+                f"b  rtbserve open {fmt_rate(rate)}/s", rtb_http, open_spec, rtb.pid, log,
+                load, who,
             ),
-        )
+            lambda: _run(
+                f"b  reference open {fmt_rate(rate)}/s", ref_http_t, open_spec, ref_http[0], log,
+                load, who,
+            ),
+        )  # fmt: skip
     if rtb.grpc_port is not None and cfg.uses_h2load:
         rtb_grpc = rtb.grpc_port
         pair(
@@ -643,7 +690,7 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
         ),
         (
             f"b  open loop (Poisson) at {_cell(f['open_rate'], fmt_rate)} req/s: p50 ms",
-            "python",
+            cfg.open_client_label,
             _cell(f["open_p50_rtb"], fmt_ms),
             _cell(f["open_p50_ref"], fmt_ms),
             "",
@@ -719,7 +766,7 @@ def print_table(f: dict[str, Any], gl: list[dict[str, Any]], cfg: Config, notes:
         f"{row} {who} {_cell(f[key], _us)}"
         for row, who, key in (
             ("a", closed, "http_client_cpu"),
-            ("b", "python", "open_client_cpu"),
+            ("b", cfg.open_client_label, "open_client_cpu"),
             ("c", closed, "grpc_client_cpu"),
             ("d", closed, "stream_client_cpu"),
         )
@@ -779,6 +826,14 @@ def main(argv: list[str] | None = None) -> int:
         "load generator (whose own CPU caps these rows)",
     )
     ap.add_argument("--h2load-threads", type=int, default=1, help="h2load -t (default 1)")
+    ap.add_argument(
+        "--open-client",
+        choices=("c", "python"),
+        default=None,
+        help="open-loop client for row b: c (bench/loadgen/openloop.c, built with gcc; the "
+        "default when gcc is installed) or python (the Python generator, --client-procs "
+        "processes, ~29 us of CPU per request)",
+    )
     ap.add_argument("--client-procs", type=int, default=2, help="Python load generator processes")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     args = ap.parse_args(argv)
@@ -786,7 +841,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.client == "h2load" and h2load_exe is None:
         ap.error(f"h2load not found; install it with `{INSTALL_HINT}`")
     client = "h2load" if args.client != "python" and h2load_exe else "python"
-    cfg = Config.make(args, client)
+    open_client = args.open_client or ("c" if openloop_available() else "python")
+    open_note = ""
+    exe = ""
+    if open_client == "c":
+        try:
+            exe = str(build_openloop())
+        except NativeClientError as exc:
+            if args.open_client == "c":
+                ap.error(str(exc))
+            open_client = "python"
+            open_note = f"row b used the Python open-loop generator: {exc}"
+    elif args.open_client is None:
+        open_note = (
+            "gcc not found: row b used the Python open-loop generator, whose own CPU "
+            "(~29 us per request) shares the 2 cores with the server"
+        )
+    cfg = Config.make(args, client, open_client, exe)
     from bench.core import host_facts
 
     t_run = time.perf_counter()
@@ -809,20 +880,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.ref_procs} processes"
     )
     python_client = f"the Python load generator ({cfg.client_procs} processes)"
-    clients = {"b": python_client}
+    if cfg.open_client == "c":
+        open_client_desc = f"the C open-loop client ({OPENLOOP_C}, 1 process, epoll)"
+    else:
+        open_client_desc = python_client
+    clients = {"b": open_client_desc}
     if cfg.uses_h2load:
         version = h2load_version(h2load_exe)
         threads = f"{cfg.h2load_threads} thread{'s' if cfg.h2load_threads > 1 else ''}"
         h2 = f"h2load {version} ({threads}, after its own warm-up run)"
         clients |= {"a": h2, "c": h2, "d": h2}
         print(
-            f"  clients: a, c, d {h2}; b {python_client}; gRPC answers checked once per run "
+            f"  clients: a, c, d {h2}; b {open_client_desc}; gRPC answers checked once per run "
             "with a Python grpc client (h2load reads no grpc-status)"
         )
     else:
         clients |= {"a": python_client, "c": python_client, "d": python_client}
-        print(f"  clients: {python_client} for every row")
+        print(f"  clients: a, c, d {python_client}; b {open_client_desc}")
     notes: list[str] = []
+    if open_note:
+        notes.append(open_note)
+        print(f"  NOTE: {open_note}")
     if h2load_exe is None:
         notes.append(
             "h2load not found: rows a, c and d used the Python load generator, whose own CPU "

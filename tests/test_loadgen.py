@@ -53,6 +53,12 @@ from bench.loadgen import (  # noqa: E402
 )
 from bench.loadgen.cpu import descendant_pids, tree_cpu_s  # noqa: E402
 from bench.loadgen.grpc_client import StreamMatcher, StreamPool  # noqa: E402
+from bench.loadgen.native import (  # noqa: E402
+    NativeClientError,
+    build_openloop,
+    openloop_available,
+    run_openloop,
+)
 from bench.loadgen.schedule import arrival_times_ns  # noqa: E402
 from bench.loadgen.stats import ERROR_KINDS, Recorder, format_result  # noqa: E402
 from bench.loadgen.targets import PREDICT_METHOD, STREAM_METHOD, predictor_pb2  # noqa: E402
@@ -228,6 +234,210 @@ def test_open_loop_latency_includes_client_queueing() -> None:
     assert lat["p99"] > 5 * svc["p99"]  # the queue, not the service time
     assert lat["p99"] > 1.5 * lat["p50"]  # and it grows through the run
     assert res["achieved_rate"] < 0.75 * 200
+
+
+# --------------------------------------------------------------------------- C open-loop client
+
+needs_gcc = pytest.mark.skipif(not openloop_available(), reason="gcc not installed")
+
+
+@pytest.fixture(scope="module")
+def openloop_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # built into the test's temp dir: the suite keeps the default cache dir empty
+    return build_openloop(tmp_path_factory.mktemp("openloop-build"))
+
+
+def assert_percentiles_ordered(res: dict) -> None:
+    lat, svc = res["latency_ms"], res["service_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    # every request's service time (from its actual send) is within its latency (from the
+    # intended time), so each order statistic is too
+    for k in ("p50", "p90", "p99", "p99.9", "max"):
+        assert 0 < svc[k] <= lat[k], (k, svc, lat)
+
+
+@needs_gcc
+def test_openloop_c_against_the_http_reference(
+    http_server: ServerProcess, openloop_exe: Path
+) -> None:
+    target = demo_http_target(http_server.port)
+    spec = LoadSpec(mode="rate", rate=2000, duration_s=1.0, warmup_s=0.2, connections=8)
+    res = run_openloop(target, spec, server_pid=http_server.pid, exe=openloop_exe)
+    assert res["client"] == "openloop-c"
+    assert 1800 <= res["measured_scheduled"] <= 2200  # Poisson: mean 2000, sd 45
+    assert res["errors"] == dict.fromkeys(res["errors"], 0) and res["errors_total"] == 0
+    assert res["requests"] == res["completed"] == res["measured_scheduled"]
+    assert res["answered"] == res["scheduled"] and res["unanswered"] == 0
+    # loose: a shared machine can stall the client near the end of the window
+    assert 0.7 * 2000 <= res["achieved_rate"] <= 1.2 * 2000
+    assert 0.7 * 2000 <= res["achieved_send_rate"] <= 1.2 * 2000
+    assert_percentiles_ordered(res)
+    assert res["latency_ms"]["p50"] < 50  # loopback, trivial server, 4% of its capacity
+    assert res["client_cpu_us_per_request"] > 0 and res["server_cpu_us_per_request"] > 0
+    # the window: 1 s, or longer if the client was stalled and sent its last requests late
+    assert 1.0 <= res["window_s"] < 1.5
+
+    # fixed arrivals: exactly rate x duration measured, none of the warm-up
+    spec = replace(spec, arrivals="fixed", rate=1000, duration_s=0.3, warmup_s=0.1)
+    res = run_openloop(target, spec, exe=openloop_exe)
+    assert res["measured_scheduled"] == res["requests"] == 300
+    assert res["scheduled"] == res["answered"] == 400
+    assert res["errors_total"] == 0
+
+
+@needs_gcc
+def test_openloop_c_latency_counts_from_the_intended_time(openloop_exe: Path) -> None:
+    """One connection to a server that holds every answer 5 ms, at twice its capacity.
+
+    Request i is intended at 2.5i ms but can go only at ~5i ms: it waits in the client's
+    backlog, and that wait is part of its latency, while the service time stays ~5 ms.
+    """
+    server, port = start_ref_server("http", delay_ms=5)
+    try:
+        spec = LoadSpec(
+            mode="rate", rate=400, arrivals="fixed", duration_s=0.5, warmup_s=0,
+            connections=1, timeout_s=10,
+        )  # fmt: skip
+        res = run_openloop(demo_http_target(port), spec, exe=openloop_exe)
+    finally:
+        assert server.stop() == 0
+    assert res["requests"] == 200 and res["errors_total"] == 0
+    assert_percentiles_ordered(res)
+    lat, svc = res["latency_ms"], res["service_ms"]
+    assert svc["p50"] >= 4.5  # the hold
+    assert lat["p99"] > 5 * svc["p99"]  # the queue, not the service time
+    assert lat["p99"] > 1.5 * lat["p50"]  # and it grows through the run
+    assert lat["p99"] > 200  # the last requests waited about half the 0.5 s schedule
+    assert res["max_backlog"] > 50
+    assert res["achieved_rate"] < 0.75 * 400
+
+
+class MisbehavingServer:
+    """An HTTP/1.1 server on its own thread and event loop that answers by a cycle of six.
+
+    Requests 0, 1, 2, ... (over every connection) get: 200; 500; the connection closed without
+    an answer; no answer at all (held until the client gives up); a 200 without content-length
+    (then close); 404. ``with`` starts it and returns once it listens.
+    """
+
+    OK = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n0.5\n"
+    ERROR = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
+    NO_LENGTH = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n0.5\n"
+    NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found"
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.count = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> MisbehavingServer:
+        self._thread.start()
+        assert self._ready.wait(30), "the test server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                i = head.find(b"content-length:")
+                n = int(head[i + 15 : head.find(b"\r\n", i)]) if i >= 0 else 0
+                await reader.readexactly(n)
+                kind = self.count % 6
+                self.count += 1
+                if kind == 2:
+                    return
+                if kind == 3:
+                    await reader.read()  # until the client gives up on it and closes
+                    return
+                writer.write((self.OK, self.ERROR, b"", b"", self.NO_LENGTH, self.NOT_FOUND)[kind])
+                await writer.drain()
+                if kind == 4:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@needs_gcc
+def test_openloop_c_counts_errors_and_ends(openloop_exe: Path) -> None:
+    spec = LoadSpec(
+        mode="rate", rate=200, arrivals="fixed", duration_s=0.5, warmup_s=0, connections=32,
+        timeout_s=0.3,
+    )  # fmt: skip
+    with MisbehavingServer() as server:
+        res = run_openloop(demo_http_target(server.port), spec, exe=openloop_exe)
+    e = res["errors"]
+    assert e["status_5xx"] > 0 and e["status_4xx"] > 0  # answered, but not 2xx
+    assert e["conn"] > 0  # closed with the request in flight
+    assert e["timeout"] > 0  # never answered: failed after timeout_s, connection reopened
+    assert e["parse"] > 0  # no content-length
+    assert res["requests"] > 0  # the 200s still count
+    # every scheduled request is accounted for exactly once: answered 2xx or one error
+    assert res["requests"] + res["errors_total"] == res["scheduled"] == 100
+    assert res["reconnects"] > 0
+    # bounded: schedule 0.5 s, then at most timeout_s of drain (plus process start-up)
+    assert res["client_wall_s"] < 0.5 + 0.3 + 0.5
+
+
+@needs_gcc
+def test_openloop_c_server_going_away_fails_requests_and_ends(openloop_exe: Path) -> None:
+    server, port = start_ref_server("http")
+    spec = LoadSpec(
+        mode="rate", rate=100, arrivals="fixed", duration_s=1.5, warmup_s=0, connections=2,
+        timeout_s=0.3,
+    )  # fmt: skip
+    # failure injection, not a wait for readiness: the server stops ~0.5 s into the run
+    killer = threading.Timer(0.5, server.stop)
+    killer.start()
+    try:
+        res = run_openloop(demo_http_target(port), spec, exe=openloop_exe)
+    finally:
+        killer.join()
+        server.stop()
+    assert 10 <= res["requests"] < 150
+    assert res["errors"]["conn"] > 0  # every connection refused: queued requests could not go
+    assert res["requests"] + res["errors_total"] == res["scheduled"] == 150
+    assert res["connect_failures"] > 0
+
+
+@needs_gcc
+def test_openloop_c_refused_connection_is_a_clear_error(openloop_exe: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = LoadSpec(mode="rate", rate=10, duration_s=0.2, warmup_s=0, connections=1)
+    with pytest.raises(NativeClientError, match="cannot connect"):
+        run_openloop(demo_http_target(port), spec, exe=openloop_exe)
+
+
+def test_openloop_c_without_gcc_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import bench.loadgen.native as native
+
+    monkeypatch.setattr(native, "find_gcc", lambda: None)
+    assert not native.openloop_available()
+    with pytest.raises(NativeClientError, match="gcc not found"):
+        native.build_openloop(tmp_path)
 
 
 # --------------------------------------------------------------------------- gRPC
