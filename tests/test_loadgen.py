@@ -172,12 +172,17 @@ def test_slo_search_keeps_a_passing_rate(http_server: ServerProcess) -> None:
     assert [s["passed"] for s in doc["steps"]] == [True]
 
 
-def test_refused_connection_is_a_clear_error(tmp_path: Path) -> None:
+def _unused_port() -> int:
+    """A port nobody listens on (bound, then released)."""
     import socket
 
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_refused_connection_is_a_clear_error(tmp_path: Path) -> None:
+    port = _unused_port()
     spec = LoadSpec(mode="rate", rate=10, duration_s=0.2, warmup_s=0, connections=1)
     with pytest.raises(LoadError, match="load process 0"):
         run_load(demo_http_target(port), spec)
@@ -421,11 +426,7 @@ def test_openloop_c_server_going_away_fails_requests_and_ends(openloop_exe: Path
 
 @needs_gcc
 def test_openloop_c_refused_connection_is_a_clear_error(openloop_exe: Path) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _unused_port()
     spec = LoadSpec(mode="rate", rate=10, duration_s=0.2, warmup_s=0, connections=1)
     with pytest.raises(NativeClientError, match="cannot connect"):
         run_openloop(demo_http_target(port), spec, exe=openloop_exe)
@@ -711,10 +712,6 @@ def test_missing_h2load_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> 
 
 @needs_h2load
 def test_h2load_reports_a_server_that_is_not_there() -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _unused_port()
     with pytest.raises(H2loadError, match="no request"):
         run_h2load(http_run(demo_http_target(port), connections=1, duration_s=0.2, warmup_s=0))
