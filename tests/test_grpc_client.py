@@ -170,7 +170,9 @@ def test_the_raw_rows_view_parses_exactly_as_protobuf(
 
 def test_the_raw_rows_view_reports_malformed_bytes() -> None:
     good = PredictRequest(request_id="r", rows=[1.0, 2.0]).SerializeToString()
-    for bad in (good[:-3], b"\x1a\x10\x00", b"\xff\xff\xff"):
+    # truncated; a length past the end; garbage; packed floats of 5 bytes (not whole values)
+    ragged = b"\x12\x01r\x1a\x05" + bytes(5)
+    for bad in (good[:-3], b"\x1a\x10\x00", b"\xff\xff\xff", ragged):
         parsed = parse_predict_request(bad)
         assert isinstance(parsed, Undecodable) and parsed.n_bytes == len(bad)
 

@@ -89,7 +89,7 @@ def parse_predict_request(data: bytes) -> PredictRequest | Undecodable:
     view); ``decode_rows`` takes either form."""
     try:
         if RAW_VIEW_WORKS:
-            return parse_with_raw_view(data, _RAW_REQUEST, PredictRequest, "rows")
+            return parse_with_raw_view(data, _RAW_REQUEST, PredictRequest, "rows", 4)
         return PredictRequest.FromString(data)
     except DecodeError as exc:
         return Undecodable(str(exc), len(data))

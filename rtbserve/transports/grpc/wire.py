@@ -83,15 +83,23 @@ def raw_view_class(message_class: type[Message], field_name: str) -> type[Messag
 
 
 def parse_with_raw_view(
-    data: bytes, view_class: type[Message], message_class: type[Message], field_name: str
+    data: bytes,
+    view_class: type[Message],
+    message_class: type[Message],
+    field_name: str,
+    item_bytes: int,
 ) -> Any:
-    """``data`` parsed with the raw view when that is exact (the field is then ``bytes``), else
-    with ``message_class``. Raises ``DecodeError`` for bytes that are no such message."""
+    """``data`` parsed with the raw view when that is exact (the field is then ``bytes`` of
+    whole ``item_bytes``-byte values), else with ``message_class``. Raises ``DecodeError`` for
+    bytes that are no such message."""
     view = view_class.FromString(data)
-    # exact when the field came in one packed chunk: then re-encoding the view gives back every
-    # byte (a chunk it dropped would be missing) and nothing is unknown (unpacked values are)
+    packed = getattr(view, field_name)
+    # exact when the field came in one packed chunk of whole values: then re-encoding the view
+    # gives back every byte (a chunk it dropped would be missing) and nothing is unknown
+    # (unpacked values are); a ragged chunk is corrupt, which the real type reports
     if (
-        getattr(view, field_name)
+        packed
+        and not len(packed) % item_bytes
         and view.ByteSize() == len(data)
         and not len(UnknownFieldSet(view))
     ):
